@@ -1,0 +1,44 @@
+//! Device and run-dtype selection from their command-line spellings.
+
+use candle_core::{DType, Device};
+
+use super::error::{PipelineError, Result};
+
+/// Open a device from `cpu`, `cuda`, `cuda:N` or `metal`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let dev = match spec.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..].parse().map_err(|_| {
+                PipelineError::InvalidInput(format!("bad device '{spec}': expected cuda:N"))
+            })?;
+            Device::new_cuda(n)?
+        }
+        _ => {
+            return Err(PipelineError::InvalidInput(format!(
+                "unknown device '{spec}': expected cpu, cuda, cuda:N or metal"
+            )))
+        }
+    };
+    Ok(dev)
+}
+
+/// The run dtype: `f32`, `bf16` or `f16`; `None` gives f32 on CPU and bf16 on a GPU.
+pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
+    match spec.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None => Ok(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }),
+        Some("f32") | Some("float32") => Ok(DType::F32),
+        Some("bf16") | Some("bfloat16") => Ok(DType::BF16),
+        Some("f16") | Some("float16") => Ok(DType::F16),
+        Some(other) => Err(PipelineError::InvalidInput(format!(
+            "unknown dtype '{other}': expected f32, bf16 or f16"
+        ))),
+    }
+}

@@ -1,0 +1,55 @@
+//! Decoder output -> 8-bit RGB.
+
+use candle_core::{DType, Tensor};
+
+use super::error::Result;
+
+/// An 8-bit RGB image, row-major, `width * height * 3` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// `(B, 3, H, W)` in [-1, 1] -> one RGB image per item: `clamp(x/2 + 0.5, 0, 1)`, then
+/// `round(x * 255)` with ties to even (numpy's rounding), all in f32.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = images.dims4()?;
+    let nhwc = images
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = h * w * c;
+    Ok((0..b)
+        .map(|i| RgbImage {
+            width: w as u32,
+            height: h as u32,
+            data: nhwc[i * per..(i + 1) * per]
+                .iter()
+                .map(|&x| quantize(x))
+                .collect(),
+        })
+        .collect())
+}
+
+fn quantize(x: f32) -> u8 {
+    let v = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+    (v * 255.0).round_ties_even() as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantize;
+
+    #[test]
+    fn rounds_half_to_even_and_clamps() {
+        assert_eq!(quantize(-2.0), 0);
+        assert_eq!(quantize(3.0), 255);
+        // v*255 = 0.5 exactly -> 0; 1.5 -> 2
+        assert_eq!(quantize(0.5 / 255.0 * 2.0 - 1.0), 0);
+        assert_eq!(quantize(1.5 / 255.0 * 2.0 - 1.0), 2);
+    }
+}

@@ -1,0 +1,143 @@
+//! The Z-Image transformer block: self-attention with q/k RMSNorm and 3-D RoPE, a SwiGLU FFN,
+//! sandwich RMSNorms, and optional adaLN modulation (scale and tanh gate).
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+
+use super::attention::attention;
+use super::config::TransformerConfig;
+use crate::pipeline::error::Result;
+
+/// Rotary tables and key mask shared by every block of one stream.
+pub struct StreamCtx {
+    /// `(B, S, head_dim/2)` f32.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive key mask `(B, 1, 1, S)` in the run dtype; `None` when all items have equal length.
+    pub mask: Option<Tensor>,
+}
+
+struct SelfAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let hd = cfg.head_dim();
+        Ok(Self {
+            to_q: linear_no_bias(cfg.dim, cfg.n_heads * hd, vb.pp("to_q"))?,
+            to_k: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("to_k"))?,
+            to_v: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("to_v"))?,
+            to_out: linear_no_bias(cfg.n_heads * hd, cfg.dim, vb.pp("to_out.0"))?,
+            norm_q: rms_norm(hd, 1e-5, vb.pp("norm_q"))?,
+            norm_k: rms_norm(hd, 1e-5, vb.pp("norm_k"))?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &StreamCtx) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let dtype = x.dtype();
+        let q = self.to_q.forward(x)?.reshape((b, s, self.n_heads, self.head_dim))?;
+        let k = self.to_k.forward(x)?.reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        let v = self.to_v.forward(x)?.reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        // RoPE runs in f32 as in the reference, on (B, H, S, D).
+        let rot = |t: Tensor| -> Result<Tensor> {
+            let t = t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
+            Ok(candle_nn::rotary_emb::rope_i(&t, &ctx.cos, &ctx.sin)?.to_dtype(dtype)?)
+        };
+        let q = rot(self.norm_q.forward(&q)?)?;
+        let k = rot(self.norm_k.forward(&k)?)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let out = attention(&q, &k, &v, ctx.mask.as_ref())?; // (B, S, H*D)
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            w1: linear_no_bias(dim, hidden, vb.pp("w1"))?,
+            w2: linear_no_bias(hidden, dim, vb.pp("w2"))?,
+            w3: linear_no_bias(dim, hidden, vb.pp("w3"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?;
+        Ok(self.w2.forward(&h)?)
+    }
+}
+
+pub struct Block {
+    attention: SelfAttention,
+    feed_forward: FeedForward,
+    attention_norm1: RmsNorm,
+    attention_norm2: RmsNorm,
+    ffn_norm1: RmsNorm,
+    ffn_norm2: RmsNorm,
+    /// `adaLN_modulation.0`: adaln -> 4*dim (scale_msa, gate_msa, scale_mlp, gate_mlp).
+    modulation: Option<Linear>,
+}
+
+impl Block {
+    pub fn new(cfg: &TransformerConfig, modulated: bool, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.norm_eps;
+        let d = cfg.dim;
+        Ok(Self {
+            attention: SelfAttention::new(cfg, vb.pp("attention"))?,
+            feed_forward: FeedForward::new(d, cfg.ffn_hidden(), vb.pp("feed_forward"))?,
+            attention_norm1: rms_norm(d, eps, vb.pp("attention_norm1"))?,
+            attention_norm2: rms_norm(d, eps, vb.pp("attention_norm2"))?,
+            ffn_norm1: rms_norm(d, eps, vb.pp("ffn_norm1"))?,
+            ffn_norm2: rms_norm(d, eps, vb.pp("ffn_norm2"))?,
+            modulation: if modulated {
+                Some(linear(cfg.adaln_dim(), 4 * d, vb.pp("adaLN_modulation.0"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// x: (B, S, dim); adaln: (B, adaln_dim) for modulated blocks.
+    pub fn forward(&self, x: &Tensor, ctx: &StreamCtx, adaln: Option<&Tensor>) -> Result<Tensor> {
+        match (&self.modulation, adaln) {
+            (Some(m), Some(c)) => {
+                let mods = m.forward(c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
+                let scale_msa = (&mods[0] + 1.0)?;
+                let gate_msa = mods[1].tanh()?;
+                let scale_mlp = (&mods[2] + 1.0)?;
+                let gate_mlp = mods[3].tanh()?;
+                let h = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
+                let h = self.attention_norm2.forward(&self.attention.forward(&h, ctx)?)?;
+                let x = (x + h.broadcast_mul(&gate_msa)?)?;
+                let h = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
+                let h = self.ffn_norm2.forward(&self.feed_forward.forward(&h)?)?;
+                Ok((x + h.broadcast_mul(&gate_mlp)?)?)
+            }
+            _ => {
+                let h = self.attention_norm1.forward(x)?;
+                let h = self.attention_norm2.forward(&self.attention.forward(&h, ctx)?)?;
+                let x = (x + h)?;
+                let h = self.ffn_norm2.forward(&self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?)?;
+                Ok((x + h)?)
+            }
+        }
+    }
+}

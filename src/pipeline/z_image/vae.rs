@@ -1,0 +1,222 @@
+//! The VAE decoder of `AutoencoderKL` (the Flux VAE): latents -> image in [-1, 1], NCHW.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::pipeline::error::{load_err, Result};
+
+const NORM_EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub out_channels: usize,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub use_post_quant_conv: Option<bool>,
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default)]
+    pub act_fn: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// Pixels per latent cell: `2^(len(block_out_channels) - 1)`.
+    pub fn spatial_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    Ok(conv2d(cin, cout, 3, cfg, vb)?)
+}
+
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            conv1: conv3(cin, cout, vb.pp("conv1"))?,
+            norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            conv2: conv3(cout, cout, vb.pp("conv2"))?,
+            shortcut: if cin != cout {
+                Some(conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((skip + h)?)
+    }
+}
+
+/// Single-head self-attention over all pixels, with a residual connection.
+struct AttnBlock {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl AttnBlock {
+    fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            group_norm: group_norm(groups, ch, NORM_EPS, vb.pp("group_norm"))?,
+            to_q: linear(ch, ch, vb.pp("to_q"))?,
+            to_k: linear(ch, ch, vb.pp("to_k"))?,
+            to_v: linear(ch, ch, vb.pp("to_v"))?,
+            to_out: linear(ch, ch, vb.pp("to_out.0"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hs = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&hs)?.unsqueeze(1)?;
+        let k = self.to_k.forward(&hs)?.unsqueeze(1)?;
+        let v = self.to_v.forward(&hs)?.unsqueeze(1)?;
+        let out = super::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
+        let out = self
+            .to_out
+            .forward(&out)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        Ok((out + x)?)
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv2d>,
+}
+
+pub struct VaeDecoder {
+    conv_in: Conv2d,
+    mid_resnet_0: ResnetBlock,
+    mid_attn: Option<AttnBlock>,
+    mid_resnet_1: ResnetBlock,
+    up_blocks: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    cfg: VaeConfig,
+}
+
+impl VaeDecoder {
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.block_out_channels.is_empty() {
+            return Err(load_err("vae block_out_channels is empty"));
+        }
+        if cfg.use_post_quant_conv == Some(true) {
+            return Err(load_err("vae with post_quant_conv is not supported"));
+        }
+        if let Some(act) = &cfg.act_fn {
+            if act != "silu" {
+                return Err(load_err(format!("vae act_fn '{act}' unsupported")));
+            }
+        }
+        let vb = vb.pp("decoder");
+        let g = cfg.norm_num_groups;
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let top = rev[0];
+        let mid = vb.pp("mid_block");
+        let mut up_blocks = Vec::with_capacity(rev.len());
+        let mut prev = top;
+        for (i, &out) in rev.iter().enumerate() {
+            let ub = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { out };
+                    ResnetBlock::new(cin, out, g, ub.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(conv3(out, out, ub.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            prev = out;
+        }
+        Ok(Self {
+            conv_in: conv3(cfg.latent_channels, top, vb.pp("conv_in"))?,
+            mid_resnet_0: ResnetBlock::new(top, top, g, mid.pp("resnets.0"))?,
+            mid_attn: if cfg.mid_block_add_attention {
+                Some(AttnBlock::new(top, g, mid.pp("attentions.0"))?)
+            } else {
+                None
+            },
+            mid_resnet_1: ResnetBlock::new(top, top, g, mid.pp("resnets.1"))?,
+            up_blocks,
+            norm_out: group_norm(g, cfg.block_out_channels[0], NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(cfg.block_out_channels[0], cfg.out_channels, vb.pp("conv_out"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Decode denoised latents `(B, C, h, w)` (f32): `z = latents / scaling + shift`, then the
+    /// decoder. Returns the image in [-1, 1] as f32 `(B, 3, H, W)`.
+    pub fn decode(&self, latents: &Tensor, dtype: DType) -> Result<Tensor> {
+        let z = ((latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0))?;
+        self.decode_scaled(&z.to_dtype(dtype)?)
+    }
+
+    /// The decoder proper on already scaled and shifted latents.
+    pub fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
+        let mut x = self.conv_in.forward(z)?;
+        x = self.mid_resnet_0.forward(&x)?;
+        if let Some(a) = &self.mid_attn {
+            x = a.forward(&x)?;
+        }
+        x = self.mid_resnet_1.forward(&x)?;
+        for ub in &self.up_blocks {
+            for r in &ub.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = &ub.upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?;
+            }
+        }
+        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        Ok(self.conv_out.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}

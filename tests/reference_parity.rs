@@ -1,0 +1,303 @@
+//! Stage-by-stage parity with the reference implementation (diffusers 0.42.1 / transformers
+//! 5.23.0 on torch, float32 CPU), using the fixtures made by `make_reference.py`:
+//! - the public set at `$DIFFUSIOND_REFERENCE` (default `../shared/reference`), seed 0, tiny model;
+//! - our own second set in `tests/fixtures/reference-alt` (seed 5, another architecture: dim 104,
+//!   4 heads, 3+2+2 layers, FFN 277, text encoder 80/3 layers, VAE [8,16,16,24] x 1 layer).
+//!
+//! Every case of `cases/index.json` runs through the library with the case's own initial latents
+//! and parameters. Tolerances follow section 10 of the reference README, with headroom.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use diffusiond::pipeline::denoise::{self, Conditioning, DenoiseItem};
+use diffusiond::pipeline::image::to_rgb8;
+use diffusiond::pipeline::sampler::{self, Guidance};
+use diffusiond::pipeline::z_image::transformer::ItemInput;
+use diffusiond::pipeline::{ModelFiles, WeightSource, ZImage};
+use serde_json::Value;
+
+const TOL_EMBEDS: f32 = 2e-5;
+const TOL_SIGMAS: f32 = 1e-6;
+const TOL_STEP0: f32 = 2e-5;
+const TOL_LATENTS: f32 = 2e-5;
+const TOL_VAE: f32 = 5e-5;
+/// At most this fraction of image bytes may differ, and only by one.
+const MAX_U8_MISMATCH: f64 = 0.001;
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+struct Case {
+    name: String,
+    json: Value,
+    t: HashMap<String, Tensor>,
+}
+
+impl Case {
+    fn get(&self, k: &str) -> &Tensor {
+        self.t
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: fixture has no tensor {k}", self.name))
+    }
+    fn prompts(&self, key: &str) -> Vec<String> {
+        match &self.json[key] {
+            Value::Array(a) => a.iter().map(|v| v.as_str().unwrap().to_string()).collect(),
+            Value::String(s) => vec![s.clone()],
+            _ => Vec::new(),
+        }
+    }
+    fn f(&self, k: &str) -> f64 {
+        match &self.json[k] {
+            Value::Bool(b) => f64::from(u8::from(*b)),
+            v => v.as_f64().unwrap_or_else(|| panic!("{}: bad {k}", self.name)),
+        }
+    }
+}
+
+struct Errors {
+    embeds: f32,
+    step0: f32,
+    latents: f32,
+    vae: f32,
+    sigmas: f32,
+    mismatch: usize,
+    max_u8_diff: u8,
+    total_bytes: usize,
+}
+
+/// Ids of prompt `i` from the fixture's padded `input_ids` and `attention_mask`.
+fn fixture_ids(case: &Case, ids_key: &str, mask_key: &str, i: usize) -> Vec<u32> {
+    let ids = case.get(ids_key).get(i).unwrap().to_vec1::<i64>().unwrap();
+    let mask = case.get(mask_key).get(i).unwrap().to_vec1::<i64>().unwrap();
+    ids.iter()
+        .zip(&mask)
+        .filter(|(_, &m)| m == 1)
+        .map(|(&id, _)| id as u32)
+        .collect()
+}
+
+fn run_case(model: &ZImage, case: &Case) -> Errors {
+    let name = &case.name;
+    let prompts = case.prompts("prompt");
+    let n_per = case.f("num_images_per_prompt") as usize;
+    let steps = case.f("num_inference_steps") as usize;
+    let scale = case.f("guidance_scale") as f32;
+    let guidance = Guidance {
+        scale,
+        truncation: case.f("cfg_truncation") as f32,
+        normalization: case.f("cfg_normalization") as f32,
+    };
+    let negatives: Vec<String> = if guidance.enabled() {
+        let n = case.prompts("negative_prompt");
+        if n.len() == prompts.len() {
+            n
+        } else {
+            vec![n.first().cloned().unwrap_or_default(); prompts.len()]
+        }
+    } else {
+        Vec::new()
+    };
+
+    // Tokens and caption features.
+    let mut embeds_err = 0f32;
+    let mut encode = |texts: &[String], ids_key: &str, mask_key: &str, emb_key: &str| {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ids = model.tokenize(p).unwrap();
+                assert_eq!(ids, fixture_ids(case, ids_key, mask_key, i), "{name}: token ids of {p:?}");
+                let emb = model.encode_ids(&ids).unwrap();
+                embeds_err = embeds_err.max(max_abs(&emb, case.get(&format!("{emb_key}.{i}"))));
+                emb
+            })
+            .collect::<Vec<_>>()
+    };
+    let caps = encode(&prompts, "input_ids", "attention_mask", "prompt_embeds");
+    let negs = encode(
+        &negatives,
+        "negative_input_ids",
+        "negative_attention_mask",
+        "negative_prompt_embeds",
+    );
+
+    // Schedule.
+    let sigmas = sampler::sigmas(model.scheduler_config(), steps).unwrap();
+    let want = case.get("sigmas").to_vec1::<f32>().unwrap();
+    assert_eq!(sigmas.len(), want.len(), "{name}: sigma count");
+    let sigmas_err = sigmas
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let t_model: Vec<f32> = sampler::timesteps(model.scheduler_config(), &sigmas)
+        .iter()
+        .map(|&t| sampler::model_time(model.scheduler_config(), t))
+        .collect();
+    let want_t = case.get("t_model").to_vec1::<f32>().unwrap();
+    for (a, b) in t_model.iter().zip(&want_t) {
+        assert!((a - b).abs() <= 1e-6, "{name}: t_model {a} vs {b}");
+    }
+
+    // Items, prompt-major, with the case's own initial latents.
+    let init = case.get("initial_latents");
+    let b = init.dim(0).unwrap();
+    assert_eq!(b, prompts.len() * n_per, "{name}: batch size");
+    let conds: Vec<Conditioning> = (0..prompts.len())
+        .map(|p| Conditioning::new(caps[p].clone(), negs.get(p).cloned()))
+        .collect();
+    let mut items: Vec<DenoiseItem> = (0..b)
+        .map(|k| {
+            DenoiseItem::new(model, init.get(k).unwrap(), conds[k / n_per].clone(), steps, guidance)
+                .unwrap()
+        })
+        .collect();
+
+    // First transformer call, model batch [positives..., negatives...].
+    let mut inputs: Vec<ItemInput> = (0..b)
+        .map(|k| ItemInput {
+            latent: items[k].latent(),
+            caption: &caps[k / n_per],
+            t: t_model[0],
+        })
+        .collect();
+    if guidance.enabled() {
+        for k in 0..b {
+            inputs.push(ItemInput {
+                latent: items[k].latent(),
+                caption: &negs[k / n_per],
+                t: t_model[0],
+            });
+        }
+    }
+    let outs = model.transformer_forward(&inputs).unwrap();
+    drop(inputs);
+    let step0 = Tensor::stack(&outs, 0).unwrap();
+    let step0_err = max_abs(&step0, case.get("transformer_out_step0"));
+
+    // Every step, all items in one batch.
+    let want_steps = case.get("latents_steps");
+    let mut latents_err = 0f32;
+    for s in 0..steps {
+        let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
+        denoise::step(model, &mut refs).unwrap();
+        let got = Tensor::stack(&items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(), 0)
+            .unwrap();
+        latents_err = latents_err.max(max_abs(&got, &want_steps.get(s).unwrap()));
+    }
+    assert!(items.iter().all(|i| i.is_done()), "{name}: items not done");
+
+    // Decode and quantize.
+    let latents =
+        Tensor::stack(&items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(), 0).unwrap();
+    let vae_out = model.decode(&latents).unwrap();
+    let vae_err = max_abs(&vae_out, case.get("vae_out"));
+    let images = to_rgb8(&vae_out).unwrap();
+    let via_api = {
+        let refs: Vec<&DenoiseItem> = items.iter().collect();
+        denoise::decode(model, &refs).unwrap()
+    };
+    assert_eq!(images, via_api, "{name}: decode paths disagree");
+    let want_u8 = case.get("image_u8").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let got_u8: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+    assert_eq!(got_u8.len(), want_u8.len(), "{name}: image size");
+    let mut mismatch = 0;
+    let mut max_u8_diff = 0u8;
+    for (a, b) in got_u8.iter().zip(&want_u8) {
+        if a != b {
+            mismatch += 1;
+            max_u8_diff = max_u8_diff.max(a.abs_diff(*b));
+        }
+    }
+    Errors {
+        embeds: embeds_err,
+        step0: step0_err,
+        latents: latents_err,
+        vae: vae_err,
+        sigmas: sigmas_err,
+        mismatch,
+        max_u8_diff,
+        total_bytes: want_u8.len(),
+    }
+}
+
+fn run_reference_dir(dir: &Path) {
+    assert!(dir.is_dir(), "reference directory {} not found", dir.display());
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases/index.json")).unwrap())
+            .unwrap();
+    let files = ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap();
+    let model = ZImage::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let names: Vec<String> = index["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.is_empty(), "no cases in {}", dir.display());
+    let mut failures = Vec::new();
+    for name in &names {
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("cases/{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let t = candle_core::safetensors::load(dir.join(format!("cases/{name}.safetensors")), &Device::Cpu)
+            .unwrap();
+        let case = Case {
+            name: name.clone(),
+            json,
+            t,
+        };
+        let e = run_case(&model, &case);
+        println!(
+            "case {name}: embeds={:.3e} step0={:.3e} latents={:.3e} image_u8_mismatch={}",
+            e.embeds, e.step0, e.latents, e.mismatch
+        );
+        println!(
+            "  (sigmas={:.3e} vae_out={:.3e} max_u8_diff={} bytes={})",
+            e.sigmas, e.vae, e.max_u8_diff, e.total_bytes
+        );
+        let ok = e.embeds <= TOL_EMBEDS
+            && e.sigmas <= TOL_SIGMAS
+            && e.step0 <= TOL_STEP0
+            && e.latents <= TOL_LATENTS
+            && e.vae <= TOL_VAE
+            && e.max_u8_diff <= 1
+            && (e.mismatch as f64) <= MAX_U8_MISMATCH * e.total_bytes as f64;
+        if !ok {
+            failures.push(name.clone());
+        }
+    }
+    assert!(failures.is_empty(), "cases over tolerance in {}: {failures:?}", dir.display());
+}
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn public_reference_cases() {
+    let dir = std::env::var("DIFFUSIOND_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| crate_dir().join("../shared/reference"));
+    run_reference_dir(&dir);
+}
+
+#[test]
+fn alt_architecture_reference_cases() {
+    run_reference_dir(&crate_dir().join("tests/fixtures/reference-alt"));
+}
