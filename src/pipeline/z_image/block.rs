@@ -13,8 +13,22 @@ pub struct StreamCtx {
     /// `(B, S, head_dim/2)` f32.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Additive key mask `(B, 1, 1, S)` in the run dtype; `None` when all items have equal length.
-    pub mask: Option<Tensor>,
+    /// Valid rows of each item (rows past it are batch padding).
+    pub lens: Vec<usize>,
+}
+
+/// A linear layer applied to each row of `c` on its own. The per-item conditioning vectors are
+/// few rows; small-M matmul kernels round differently from large-M ones, so rows are never
+/// mixed, keeping every item's result independent of its batch.
+pub fn per_item(lin: &Linear, c: &Tensor) -> Result<Tensor> {
+    let b = c.dim(0)?;
+    if b == 1 {
+        return Ok(lin.forward(c)?);
+    }
+    let rows = (0..b)
+        .map(|i| lin.forward(&c.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
 }
 
 struct SelfAttention {
@@ -59,7 +73,7 @@ impl SelfAttention {
         let q = rot(self.norm_q.forward(&q)?)?;
         let k = rot(self.norm_k.forward(&k)?)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let out = attention(&q, &k, &v, ctx.mask.as_ref())?; // (B, S, H*D)
+        let out = attention(&q, &k, &v, Some(&ctx.lens))?; // (B, S, H*D)
         Ok(self.to_out.forward(&out)?)
     }
 }
@@ -119,7 +133,7 @@ impl Block {
     pub fn forward(&self, x: &Tensor, ctx: &StreamCtx, adaln: Option<&Tensor>) -> Result<Tensor> {
         match (&self.modulation, adaln) {
             (Some(m), Some(c)) => {
-                let mods = m.forward(c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
+                let mods = per_item(m, c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
                 let scale_msa = (&mods[0] + 1.0)?;
                 let gate_msa = mods[1].tanh()?;
                 let scale_mlp = (&mods[2] + 1.0)?;

@@ -2,14 +2,14 @@
 //!
 //! Per item: patchify the latent, embed it and the caption, pad each stream to a multiple of 32
 //! with the learned pad tokens (attended, never masked), refine each stream, then run the main
-//! layers over `[image, caption]`. Batch items of different lengths are padded to the longest
-//! and masked; items of equal length run with no mask, so an item's output never depends on
-//! its batch mates.
+//! layers over `[image, caption]`. Batch items of different lengths are padded to the longest;
+//! attention runs per item on its own length (the reference's key mask, without the wasted
+//! work), so an item's output never depends on its batch mates, to the bit.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
-use super::block::{Block, StreamCtx};
+use super::block::{per_item, Block, StreamCtx};
 use super::config::{pad_len, TransformerConfig, T_EMBED_HIDDEN, T_FREQ_DIM};
 use super::rope::{caption_positions, image_positions, Rope};
 use crate::pipeline::error::{load_err, PipelineError, Result};
@@ -41,8 +41,8 @@ impl TimestepEmbedder {
             feats.extend(freqs.iter().map(|f| (ts * f).sin()));
         }
         let x = Tensor::from_vec(feats, (t.len(), T_FREQ_DIM), device)?.to_dtype(dtype)?;
-        let h = candle_nn::ops::silu(&self.linear_1.forward(&x)?)?;
-        Ok(self.linear_2.forward(&h)?)
+        let h = candle_nn::ops::silu(&per_item(&self.linear_1, &x)?)?;
+        per_item(&self.linear_2, &h)
     }
 }
 
@@ -62,11 +62,7 @@ impl FinalLayer {
     }
 
     fn forward(&self, x: &Tensor, adaln: &Tensor) -> Result<Tensor> {
-        let scale = (self
-            .modulation
-            .forward(&candle_nn::ops::silu(adaln)?)?
-            .unsqueeze(1)?
-            + 1.0)?;
+        let scale = (per_item(&self.modulation, &candle_nn::ops::silu(adaln)?)?.unsqueeze(1)? + 1.0)?;
         let ones = Tensor::ones(self.dim, x.dtype(), x.device())?;
         let zeros = Tensor::zeros(self.dim, x.dtype(), x.device())?;
         let normed = candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)?;
@@ -169,8 +165,7 @@ impl Transformer {
             .reshape((c, ht * p, wt * p))?)
     }
 
-    /// Pad per-item `(len_i, dim)` sequences to the longest, with RoPE tables and a key mask
-    /// when lengths differ.
+    /// Pad per-item `(len_i, dim)` sequences to the longest, with their RoPE tables and lengths.
     fn stack(&self, items: Vec<Tensor>, positions: Vec<Vec<[usize; 3]>>) -> Result<Stream> {
         let lens: Vec<usize> = items.iter().map(|t| t.dim(0)).collect::<candle_core::Result<_>>()?;
         let max = lens.iter().copied().max().unwrap_or(0);
@@ -191,24 +186,12 @@ impl Transformer {
             coss.push(c);
             sins.push(s);
         }
-        let mask = if lens.iter().any(|&l| l != max) {
-            let m: Vec<f32> = lens
-                .iter()
-                .flat_map(|&l| (0..max).map(move |j| if j < l { 0.0 } else { f32::NEG_INFINITY }))
-                .collect();
-            Some(
-                Tensor::from_vec(m, (lens.len(), 1, 1, max), &self.device)?
-                    .to_dtype(self.dtype)?,
-            )
-        } else {
-            None
-        };
         Ok(Stream {
             x: Tensor::stack(&xs, 0)?,
             ctx: StreamCtx {
                 cos: Tensor::stack(&coss, 0)?,
                 sin: Tensor::stack(&sins, 0)?,
-                mask,
+                lens,
             },
         })
     }
