@@ -2,3 +2,10 @@
 pub mod cli;
 pub mod pipeline;
 pub mod scheduler;
+pub mod generate;
+pub mod accounts;
+pub mod app;
+pub mod catalog;
+pub mod http;
+pub mod infer;
+pub mod store;

@@ -1,0 +1,107 @@
+//! The HTTP front (the only module that knows axum): routes, extractors, error mapping.
+
+mod context;
+mod dto;
+mod error;
+mod extract;
+mod files;
+mod generate;
+mod metrics;
+mod models;
+mod ops;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use extract::MAX_BODY_BYTES;
+pub use metrics::HttpMetrics;
+
+use crate::infer::Facade;
+
+/// Where image URLs point.
+#[derive(Debug, Clone)]
+pub enum PublicUrl {
+    /// A configured base URL (no trailing slash).
+    Fixed(String),
+    /// The request's `Host` header (listening on 0.0.0.0 / [::], where the address itself is no
+    /// use to a client), or `fallback` when it has none.
+    FromHost { fallback: String },
+}
+
+impl PublicUrl {
+    /// The base URL for a configured value, or else for the bound address.
+    pub fn new(configured: Option<&str>, bound: SocketAddr) -> Self {
+        match configured {
+            Some(url) => PublicUrl::Fixed(url.trim_end_matches('/').to_string()),
+            None if bound.ip().is_unspecified() => PublicUrl::FromHost {
+                fallback: format!("http://{bound}"),
+            },
+            None => PublicUrl::Fixed(format!("http://{bound}")),
+        }
+    }
+
+    pub fn base(&self, headers: &HeaderMap) -> String {
+        match self {
+            PublicUrl::Fixed(url) => url.clone(),
+            PublicUrl::FromHost { fallback } => headers
+                .get(axum::http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| {
+                    !h.is_empty()
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+                })
+                .map(|h| format!("http://{h}"))
+                .unwrap_or_else(|| fallback.clone()),
+        }
+    }
+}
+
+/// Everything a handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub facade: Arc<Facade>,
+    pub public_url: Arc<PublicUrl>,
+    pub http_metrics: Arc<HttpMetrics>,
+}
+
+impl AppState {
+    pub fn new(facade: Arc<Facade>, public_url: PublicUrl) -> Self {
+        Self {
+            facade,
+            public_url: Arc::new(public_url),
+            http_metrics: Arc::new(HttpMetrics::default()),
+        }
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// The whole HTTP surface. Tests can drive it without a socket.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/generate", post(generate::generate))
+        .route("/v1/models", get(models::list))
+        .route("/files/gen/{request_id}/{file}", get(files::image))
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .fallback(files::not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            context::request_context,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! The generation facade: authenticate -> validate -> reserve credits -> submit -> await ->
+//! store -> settle, refunding on any failure. Knows nothing of HTTP.
+
+mod error;
+mod metrics;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+use crate::accounts::{Account, Accounts, Reservation};
+use crate::catalog::Catalog;
+use crate::scheduler::{Job, JobError, SubmitError, Ticket};
+use crate::store::{FileStore, StoredFile};
+
+pub use crate::store::RequestId;
+pub use error::{InferError, ValidationError};
+pub use metrics::Metrics;
+pub use validate::{validate, RawRequest, ValidRequest, MAX_PROMPT_CHARS};
+
+/// Seconds a client is told to wait after `server_busy`.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+/// What runs jobs on the device: the scheduler, or a fake in tests.
+pub trait Generator: Send + Sync {
+    /// Queue a job; never blocks (a full queue answers [`SubmitError::QueueFull`] at once).
+    fn submit(&self, job: Job) -> Result<Ticket, SubmitError>;
+    /// Names of the pipelines whose weights are loaded.
+    fn loaded_pipelines(&self) -> Vec<String>;
+    /// Prometheus text lines of the generator's own metrics.
+    fn metrics_text(&self) -> String;
+}
+
+/// Who may generate.
+#[derive(Debug, Clone)]
+pub enum AuthPolicy {
+    /// No key needed; a key sent is ignored.
+    Open,
+    /// A valid key from this accounts database is needed.
+    Keys(Accounts),
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anonymous,
+    Key(Account),
+}
+
+/// One stored image of a successful request.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    /// File name inside the request's folder (`image_<i>.<ext>`).
+    pub file_name: String,
+    pub seed: u64,
+}
+
+/// A successful request's result.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub request_id: RequestId,
+    pub images: Vec<GeneratedImage>,
+    pub credits_used: i64,
+    pub width: u32,
+    pub height: u32,
+}
+
+pub struct Facade {
+    catalog: Catalog,
+    auth: AuthPolicy,
+    store: FileStore,
+    generator: Arc<dyn Generator>,
+    metrics: Metrics,
+}
+
+impl Facade {
+    pub fn new(
+        catalog: Catalog,
+        auth: AuthPolicy,
+        store: FileStore,
+        generator: Arc<dyn Generator>,
+    ) -> Self {
+        Self {
+            catalog,
+            auth,
+            store,
+            generator,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn loaded_pipelines(&self) -> Vec<String> {
+        self.generator.loaded_pipelines()
+    }
+
+    /// Check the `Authorization` header value (`Bearer <key>`) under the auth policy.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, InferError> {
+        let AuthPolicy::Keys(accounts) = &self.auth else {
+            return Ok(Caller::Anonymous);
+        };
+        let Some(header) = authorization else {
+            return Err(InferError::Unauthorized(
+                "an API key is required: send 'Authorization: Bearer <key>'".into(),
+            ));
+        };
+        let key = header
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .filter(|key| !key.is_empty())
+            .ok_or_else(|| {
+                InferError::Unauthorized("the Authorization header must be 'Bearer <key>'".into())
+            })?;
+        Ok(Caller::Key(accounts.authenticate(key).await?))
+    }
+
+    /// Run one generation request end to end. Images are stored before this returns.
+    pub async fn generate(
+        &self,
+        caller: &Caller,
+        id: &RequestId,
+        raw: RawRequest,
+    ) -> Result<Generated, InferError> {
+        let valid = validate(&self.catalog, raw)?;
+        let reservation = match (caller, &self.auth) {
+            (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
+                let r = accounts
+                    .reserve(account, id.as_str(), valid.credits, Utc::now())
+                    .await?;
+                Some(RefundOnDrop::new(accounts.clone(), r))
+            }
+            _ => None,
+        };
+        let started = Instant::now();
+        let result = self.run(id, &valid).await;
+        match (&result, reservation) {
+            (Ok(_), Some(r)) => r.settle().await,
+            (Err(_), Some(r)) => r.refund().await,
+            (_, None) => {}
+        }
+        match &result {
+            Ok(g) => self
+                .metrics
+                .success(g.images.len(), g.credits_used, started.elapsed()),
+            Err(InferError::Busy { .. }) => {}
+            Err(_) => self.metrics.failure(),
+        }
+        result
+    }
+
+    async fn run(&self, id: &RequestId, valid: &ValidRequest) -> Result<Generated, InferError> {
+        let ticket = self
+            .generator
+            .submit(valid.job.clone())
+            .map_err(|e| match e {
+                SubmitError::QueueFull => InferError::Busy {
+                    message: "the generation queue is full; retry shortly",
+                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
+                },
+                SubmitError::ShuttingDown => InferError::Busy {
+                    message: "the server is shutting down",
+                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
+                },
+                SubmitError::UnknownPipeline(p) => {
+                    InferError::Internal(format!("pipeline '{p}' is not loaded"))
+                }
+            })?;
+        let images = ticket.wait().await.map_err(|e| match e {
+            JobError::ShuttingDown => InferError::Busy {
+                message: "the server is shutting down",
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            },
+            JobError::Failed(why) => {
+                tracing::error!(request_id = %id, "generation failed: {why}");
+                InferError::GenerationFailed
+            }
+            JobError::Cancelled => {
+                tracing::warn!(request_id = %id, "generation cancelled");
+                InferError::GenerationFailed
+            }
+        })?;
+        let (job, format) = (&valid.job, valid.format);
+        if images.len() != job.seeds.len()
+            || images
+                .iter()
+                .any(|i| (i.width, i.height) != (job.width, job.height))
+        {
+            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
+            return Err(InferError::GenerationFailed);
+        }
+        let store = self.store.clone();
+        let owned_id = id.clone();
+        let names = tokio::task::spawn_blocking(move || store.save(&owned_id, &images, format))
+            .await
+            .map_err(|e| InferError::Internal(format!("store task: {e}")))?
+            .map_err(|e| {
+                tracing::error!(request_id = %id, "storing images failed: {e}");
+                InferError::GenerationFailed
+            })?;
+        Ok(Generated {
+            request_id: id.clone(),
+            images: names
+                .into_iter()
+                .zip(&job.seeds)
+                .map(|(file_name, seed)| GeneratedImage {
+                    file_name,
+                    seed: *seed,
+                })
+                .collect(),
+            credits_used: valid.credits,
+            width: job.width,
+            height: job.height,
+        })
+    }
+
+    /// A stored image, by the request ID and file name of its URL.
+    pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+        self.store.read(request_id, file_name).await
+    }
+
+    /// Prometheus text: the generator's metrics, then the facade's.
+    pub fn metrics_text(&self) -> String {
+        let mut out = self.generator.metrics_text();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        self.metrics.render(&mut out);
+        out
+    }
+}
+
+/// A reservation that is refunded if the request's future is dropped (client went away) before
+/// it was settled or refunded explicitly.
+struct RefundOnDrop {
+    accounts: Accounts,
+    reservation: Option<Reservation>,
+}
+
+impl RefundOnDrop {
+    fn new(accounts: Accounts, reservation: Reservation) -> Self {
+        Self {
+            accounts,
+            reservation: Some(reservation),
+        }
+    }
+
+    async fn settle(mut self) {
+        if let Some(r) = self.reservation.take() {
+            if let Err(e) = self.accounts.settle(&r).await {
+                tracing::error!(request_id = %r.request_id, "settling the charge failed: {e}");
+            }
+        }
+    }
+
+    async fn refund(mut self) {
+        if let Some(r) = self.reservation.take() {
+            if let Err(e) = self.accounts.refund(&r).await {
+                tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
+            }
+        }
+    }
+}
+
+impl Drop for RefundOnDrop {
+    fn drop(&mut self) {
+        let Some(r) = self.reservation.take() else {
+            return;
+        };
+        let accounts = self.accounts.clone();
+        // Without a runtime (process exit) the next start refunds it.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = accounts.refund(&r).await {
+                    tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod tests;

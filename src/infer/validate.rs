@@ -1,0 +1,455 @@
+//! Parse, don't validate: a request's raw fields become a [`ValidRequest`] once, with the model's
+//! defaults, the price and one seed per image filled in. Nothing past this point sees raw input.
+
+use crate::catalog::{Catalog, Model, Pricing, GUIDANCE_RANGE, STEPS_RANGE};
+use crate::scheduler::Job;
+use crate::store::ImageFormat;
+
+use super::error::ValidationError;
+
+/// Prompts longer than this (in Unicode scalar values) are refused.
+pub const MAX_PROMPT_CHARS: usize = 4000;
+/// Images per request.
+pub const NUM_IMAGES_RANGE: std::ops::RangeInclusive<i128> = 1..=4;
+
+/// The request's fields as sent, already of the right JSON types. Integers are wide so that an
+/// out-of-range value is reported by the rule it breaks, not as a type error.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawRequest {
+    pub prompt: Option<String>,
+    pub model: Option<String>,
+    pub width: Option<i128>,
+    pub height: Option<i128>,
+    pub num_images: Option<i128>,
+    pub resolution: Option<String>,
+    pub quality: Option<String>,
+    pub seed: Option<i128>,
+    pub steps: Option<i128>,
+    pub guidance_scale: Option<f64>,
+    pub negative_prompt: Option<String>,
+    pub output_format: Option<String>,
+}
+
+/// A request that passed every check, ready to charge and run.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    /// The hosted model ID asked for.
+    pub model: String,
+    /// What the scheduler runs; `job.seeds` has one seed per image.
+    pub job: Job,
+    pub format: ImageFormat,
+    /// price per image x number of images.
+    pub credits: i64,
+}
+
+/// Check a raw request against the catalog. The checks run in the order of the error table:
+/// prompt, model, resolution/quality, dimensions, number of images, then the local extensions.
+pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, ValidationError> {
+    let prompt = raw
+        .prompt
+        .filter(|p| !p.trim().is_empty())
+        .ok_or(ValidationError::MissingPrompt)?;
+    let chars = prompt.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(ValidationError::PromptTooLong(chars));
+    }
+
+    let model = match raw.model.as_deref().map(|id| (id, catalog.model(id))) {
+        Some((_, Some(model))) => model,
+        Some((id, None)) => {
+            return Err(ValidationError::InvalidModel(format!(
+                "model '{id}' is not served here; available: {}",
+                catalog.ids()
+            )))
+        }
+        None => {
+            return Err(ValidationError::InvalidModel(format!(
+                "model is required; available: {}",
+                catalog.ids()
+            )))
+        }
+    };
+    let pipeline = catalog.pipeline(&model.pipeline).ok_or_else(|| {
+        ValidationError::InvalidModel(format!("model '{}' has no pipeline", model.id))
+    })?;
+
+    let tier = price_tier(model, raw.resolution.as_deref(), raw.quality.as_deref())?;
+
+    let width = dimension(model, "width", raw.width, tier.default_size)?;
+    let height = dimension(model, "height", raw.height, tier.default_size)?;
+
+    let n = raw.num_images.unwrap_or(1);
+    if !NUM_IMAGES_RANGE.contains(&n) {
+        return Err(ValidationError::InvalidNumImages(format!(
+            "num_images is {n}; it must be 1 to 4"
+        )));
+    }
+    let n = n as u32; // 1..=4
+
+    let steps = match raw.steps {
+        None => tier.steps.unwrap_or(pipeline.steps),
+        Some(s) => u32::try_from(s)
+            .ok()
+            .filter(|s| STEPS_RANGE.contains(s))
+            .ok_or_else(|| param(format!("steps is {s}; it must be 1 to 100")))?,
+    };
+    let guidance_scale = match raw.guidance_scale {
+        None => pipeline.guidance_scale,
+        Some(g) => Some(g as f32)
+            .filter(|g| g.is_finite() && GUIDANCE_RANGE.contains(g))
+            .ok_or_else(|| param(format!("guidance_scale is {g}; it must be 0 to 20")))?,
+    };
+    let first_seed = match raw.seed {
+        None => rand::random::<u64>(),
+        Some(s) => {
+            u64::try_from(s).map_err(|_| param(format!("seed is {s}; it must be 0 to 2^64-1")))?
+        }
+    };
+    let format = match raw.output_format.as_deref() {
+        None | Some("jpeg") | Some("jpg") => ImageFormat::Jpeg,
+        Some("png") => ImageFormat::Png,
+        Some("webp") => ImageFormat::Webp,
+        Some(other) => {
+            return Err(param(format!(
+                "output_format '{other}' is not one of: jpeg, png, webp"
+            )));
+        }
+    };
+
+    Ok(ValidRequest {
+        model: model.id.clone(),
+        job: Job {
+            pipeline: pipeline.name.clone(),
+            prompt,
+            negative_prompt: raw.negative_prompt.unwrap_or_default(),
+            width,
+            height,
+            seeds: (0..n)
+                .map(|i| first_seed.wrapping_add(u64::from(i)))
+                .collect(),
+            steps,
+            guidance_scale,
+        },
+        format,
+        credits: tier.price.saturating_mul(i64::from(n)),
+    })
+}
+
+fn param(message: String) -> ValidationError {
+    ValidationError::InvalidParameter(message)
+}
+
+/// Price, default size and steps that follow from the model and (gpt-image-2) resolution x quality.
+struct Tier {
+    price: i64,
+    default_size: u32,
+    steps: Option<u32>,
+}
+
+fn price_tier(
+    model: &Model,
+    resolution: Option<&str>,
+    quality: Option<&str>,
+) -> Result<Tier, ValidationError> {
+    let t = match &model.pricing {
+        // resolution and quality mean nothing to these models; like unknown fields they are ignored.
+        Pricing::Flat(price) => {
+            return Ok(Tier {
+                price: *price,
+                default_size: model.sizes.default,
+                steps: None,
+            })
+        }
+        Pricing::Tiered(t) => t,
+    };
+    let resolution = resolution.unwrap_or(&t.default_resolution);
+    let Some(size) = t.size_of(resolution) else {
+        let names: Vec<&str> = t.resolutions.iter().map(|(r, _)| r.as_str()).collect();
+        return Err(param(format!(
+            "resolution '{resolution}' is not one of: {}",
+            names.join(", ")
+        )));
+    };
+    let quality = quality.unwrap_or(&t.default_quality);
+    let Some(price) = t.price(resolution, quality) else {
+        return Err(param(format!(
+            "quality '{quality}' is not one of: {}",
+            t.qualities.join(", ")
+        )));
+    };
+    Ok(Tier {
+        price,
+        default_size: size,
+        steps: t.quality_steps.get(quality).copied(),
+    })
+}
+
+fn dimension(
+    model: &Model,
+    name: &str,
+    value: Option<i128>,
+    default: u32,
+) -> Result<u32, ValidationError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let rule = model.sizes;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| rule.allows(*v))
+        .ok_or_else(|| {
+            ValidationError::InvalidDimensions(format!(
+                "{name} {v} is not allowed for {}: it must be a multiple of {} from {} to {}",
+                model.id, rule.step, rule.min, rule.max
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::builtin().unwrap()
+    }
+
+    fn req(model: &str) -> RawRequest {
+        RawRequest {
+            prompt: Some("a cat".into()),
+            model: Some(model.into()),
+            ..Default::default()
+        }
+    }
+
+    fn err(raw: RawRequest) -> ValidationError {
+        validate(&catalog(), raw).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let v = validate(&catalog(), req("flux-2-pro")).unwrap();
+        assert_eq!(v.credits, 250);
+        assert_eq!((v.job.width, v.job.height), (1024, 1024));
+        assert_eq!(v.job.seeds.len(), 1);
+        assert_eq!(v.job.steps, 8);
+        assert_eq!(v.job.guidance_scale, 0.0);
+        assert_eq!(v.job.pipeline, "z-image-turbo");
+        assert_eq!(v.job.negative_prompt, "");
+        assert_eq!(v.format, ImageFormat::Jpeg);
+    }
+
+    #[test]
+    fn seeds_follow_the_first_and_wrap() {
+        let mut r = req("z-image-turbo");
+        r.seed = Some(i128::from(u64::MAX) - 1);
+        r.num_images = Some(4);
+        let v = validate(&catalog(), r).unwrap();
+        assert_eq!(v.job.seeds, [u64::MAX - 1, u64::MAX, 0, 1]);
+        assert_eq!(v.credits, 400);
+        let r = RawRequest {
+            num_images: Some(3),
+            ..req("z-image-turbo")
+        };
+        let seeds = validate(&catalog(), r).unwrap().job.seeds;
+        assert_eq!(seeds[1], seeds[0].wrapping_add(1));
+        assert_eq!(seeds[2], seeds[0].wrapping_add(2));
+    }
+
+    #[test]
+    fn prompt_rules() {
+        assert_eq!(
+            err(RawRequest {
+                prompt: None,
+                ..req("flux-2-pro")
+            }),
+            ValidationError::MissingPrompt
+        );
+        assert_eq!(
+            err(RawRequest {
+                prompt: Some(" \n\t".into()),
+                ..req("flux-2-pro")
+            }),
+            ValidationError::MissingPrompt
+        );
+        let ok = RawRequest {
+            prompt: Some("é".repeat(4000)),
+            ..req("flux-2-pro")
+        };
+        assert!(validate(&catalog(), ok).is_ok());
+        let long = RawRequest {
+            prompt: Some("a".repeat(4001)),
+            ..req("flux-2-pro")
+        };
+        assert_eq!(err(long), ValidationError::PromptTooLong(4001));
+    }
+
+    #[test]
+    fn prompt_is_checked_before_model() {
+        let r = RawRequest {
+            prompt: None,
+            model: Some("nope".into()),
+            ..Default::default()
+        };
+        assert_eq!(err(r), ValidationError::MissingPrompt);
+    }
+
+    #[test]
+    fn model_rules() {
+        let e = err(req("foo"));
+        assert!(
+            matches!(&e, ValidationError::InvalidModel(m) if m.contains("'foo'") && m.contains("z-image-turbo")),
+            "{e}"
+        );
+        let e = err(RawRequest {
+            model: None,
+            ..req("x")
+        });
+        assert!(matches!(e, ValidationError::InvalidModel(_)));
+    }
+
+    #[test]
+    fn dimension_rules() {
+        for (w, h) in [
+            (100, 1024),
+            (1024, 4096),
+            (0, 512),
+            (-16, 512),
+            (512, 520),
+            (i128::MAX, 512),
+        ] {
+            let r = RawRequest {
+                width: Some(w),
+                height: Some(h),
+                ..req("z-image-turbo")
+            };
+            assert!(
+                matches!(err(r), ValidationError::InvalidDimensions(_)),
+                "{w}x{h}"
+            );
+        }
+        let r = RawRequest {
+            width: Some(256),
+            height: Some(2048),
+            ..req("z-image-turbo")
+        };
+        let v = validate(&catalog(), r).unwrap();
+        assert_eq!((v.job.width, v.job.height), (256, 2048));
+    }
+
+    #[test]
+    fn num_images_rules() {
+        for n in [0, 5, -1] {
+            let r = RawRequest {
+                num_images: Some(n),
+                ..req("z-image-turbo")
+            };
+            assert!(
+                matches!(err(r), ValidationError::InvalidNumImages(_)),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn parameter_rules() {
+        let bad = [
+            RawRequest {
+                steps: Some(0),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                steps: Some(101),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                guidance_scale: Some(-0.5),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                guidance_scale: Some(20.5),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                seed: Some(-1),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                seed: Some(i128::from(u64::MAX) + 1),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                output_format: Some("gif".into()),
+                ..req("z-image-turbo")
+            },
+            RawRequest {
+                resolution: Some("8k".into()),
+                ..req("gpt-image-2")
+            },
+            RawRequest {
+                quality: Some("ultra".into()),
+                ..req("gpt-image-2")
+            },
+        ];
+        for r in bad {
+            assert!(
+                matches!(err(r.clone()), ValidationError::InvalidParameter(_)),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn gpt_image_2_prices_and_sizes() {
+        let v = validate(&catalog(), req("gpt-image-2")).unwrap();
+        assert_eq!((v.credits, v.job.width, v.job.steps), (200, 1024, 8));
+        let r = RawRequest {
+            resolution: Some("4k".into()),
+            quality: Some("high".into()),
+            num_images: Some(2),
+            ..req("gpt-image-2")
+        };
+        let v = validate(&catalog(), r).unwrap();
+        assert_eq!((v.credits, v.job.width, v.job.height), (6400, 4096, 4096));
+        let r = RawRequest {
+            resolution: Some("2k".into()),
+            quality: Some("low".into()),
+            width: Some(512),
+            ..req("gpt-image-2")
+        };
+        let v = validate(&catalog(), r).unwrap();
+        assert_eq!(
+            (v.credits, v.job.width, v.job.height, v.job.steps),
+            (100, 512, 2048, 4)
+        );
+    }
+
+    #[test]
+    fn resolution_and_quality_are_ignored_elsewhere() {
+        let r = RawRequest {
+            resolution: Some("8k".into()),
+            quality: Some("x".into()),
+            ..req("seedream-v4")
+        };
+        assert_eq!(validate(&catalog(), r).unwrap().credits, 200);
+    }
+
+    #[test]
+    fn explicit_local_extensions() {
+        let r = RawRequest {
+            steps: Some(3),
+            guidance_scale: Some(4.0),
+            negative_prompt: Some("blurry".into()),
+            output_format: Some("webp".into()),
+            seed: Some(7),
+            ..req("z-image-turbo")
+        };
+        let v = validate(&catalog(), r).unwrap();
+        assert_eq!(
+            (v.job.steps, v.job.guidance_scale, v.job.seeds[0]),
+            (3, 4.0, 7)
+        );
+        assert_eq!(v.job.negative_prompt, "blurry");
+        assert_eq!(v.format, ImageFormat::Webp);
+    }
+}

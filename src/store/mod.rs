@@ -1,0 +1,225 @@
+//! The file store: generated images under `<data-dir>/files/gen/<request_id>/image_<i>.<ext>`.
+//!
+//! The only module that writes image files. Files are written to a temporary name in the request's
+//! folder and renamed into place, so a reader never sees half a file. Reading goes only through
+//! [`FileStore::read`], which accepts a request ID and file name in the exact shape they are made in,
+//! so no path built from a request can leave the store.
+
+mod encode;
+mod id;
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+pub use encode::ImageFormat;
+pub use id::RequestId;
+
+use crate::scheduler::Image;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("file store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("image encoding: {0}")]
+    Encode(#[from] image::ImageError),
+}
+
+/// A stored image's bytes and MIME type.
+#[derive(Debug)]
+pub struct StoredFile {
+    pub bytes: Vec<u8>,
+    pub content_type: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    gen_dir: PathBuf,
+}
+
+impl FileStore {
+    /// Open (and create) the store under a data directory.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let gen_dir = data_dir.join("files").join("gen");
+        std::fs::create_dir_all(&gen_dir)?;
+        Ok(Self { gen_dir })
+    }
+
+    /// File name of image `index` of a request.
+    pub fn file_name(index: usize, format: ImageFormat) -> String {
+        format!("image_{index}.{}", format.extension())
+    }
+
+    /// Encode and write a request's images (blocking: call from a blocking thread). Returns the
+    /// file names in order. On error nothing of this request is left behind.
+    pub fn save(
+        &self,
+        id: &RequestId,
+        images: &[Image],
+        format: ImageFormat,
+    ) -> Result<Vec<String>, StoreError> {
+        let dir = self.gen_dir.join(id.as_str());
+        std::fs::create_dir_all(&dir)?;
+        let written = images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let name = Self::file_name(i, format);
+                write_atomically(&dir, &name, img, format).map(|()| name)
+            })
+            .collect::<Result<Vec<_>, _>>();
+        if written.is_err() {
+            // Best effort: the request failed, its folder must not look like a result.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        written
+    }
+
+    /// Read a stored image, given the URL's request ID and file name. `None` for anything that is
+    /// not exactly a stored image.
+    pub async fn read(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+        let id = RequestId::parse(request_id)?;
+        let (_, format) = parse_file_name(file_name)?;
+        let path = self.gen_dir.join(id.as_str()).join(file_name);
+        let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        Some(StoredFile {
+            bytes,
+            content_type: format.content_type(),
+        })
+    }
+}
+
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    img: &Image,
+    format: ImageFormat,
+) -> Result<(), StoreError> {
+    let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut out = BufWriter::new(tmp.as_file());
+    encode::encode(img, format, &mut out)?;
+    out.flush()?;
+    drop(out);
+    tmp.as_file().sync_all()?;
+    tmp.persist(dir.join(name)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// `image_<i>.<ext>` with `i` a plain decimal (no sign, no leading zero) and a known extension.
+fn parse_file_name(name: &str) -> Option<(usize, ImageFormat)> {
+    let rest = name.strip_prefix("image_")?;
+    let (index, ext) = rest.split_once('.')?;
+    let plain = !index.is_empty()
+        && index.len() <= 3
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && (index == "0" || !index.starts_with('0'));
+    if !plain {
+        return None;
+    }
+    Some((index.parse().ok()?, ImageFormat::from_extension(ext)?))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn img(w: u32, h: u32) -> Image {
+        Image {
+            width: w,
+            height: h,
+            rgb: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn file_names_parse_strictly() {
+        assert_eq!(parse_file_name("image_0.jpg"), Some((0, ImageFormat::Jpeg)));
+        assert_eq!(
+            parse_file_name("image_3.webp"),
+            Some((3, ImageFormat::Webp))
+        );
+        assert_eq!(
+            parse_file_name("image_12.png"),
+            Some((12, ImageFormat::Png))
+        );
+        for bad in [
+            "image_01.jpg",
+            "image_-1.jpg",
+            "image_+1.jpg",
+            "image_.jpg",
+            "image_0.jpeg",
+            "image_0.JPG",
+            "image_0.jpg.png",
+            "image_0",
+            "image_0.",
+            ".tmp-abc",
+            "../image_0.jpg",
+            "image_0.jpg/..",
+            "image_1000.jpg",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn save_then_read_each_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Webp] {
+            let id = RequestId::generate();
+            let names = store
+                .save(&id, &[img(32, 16), img(16, 32)], format)
+                .unwrap();
+            assert_eq!(names.len(), 2);
+            for (i, name) in names.iter().enumerate() {
+                let f = store.read(id.as_str(), name).await.unwrap();
+                assert_eq!(f.content_type, format.content_type());
+                let decoded = image::load_from_memory(&f.bytes).unwrap();
+                let (w, h) = if i == 0 { (32, 16) } else { (16, 32) };
+                assert_eq!((decoded.width(), decoded.height()), (w, h));
+            }
+            // No temporary files left behind.
+            let left: Vec<_> = std::fs::read_dir(dir.path().join("files/gen").join(id.as_str()))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert!(left.iter().all(|n| n.starts_with("image_")), "{left:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_refuses_other_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("secret.txt"), b"x").unwrap();
+        let id = RequestId::generate();
+        store.save(&id, &[img(16, 16)], ImageFormat::Png).unwrap();
+        assert!(store.read(id.as_str(), "image_0.png").await.is_some());
+        assert!(store.read(id.as_str(), "image_0.jpg").await.is_none());
+        assert!(store.read(id.as_str(), "image_1.png").await.is_none());
+        assert!(store.read("..", "secret.txt").await.is_none());
+        assert!(store.read("req_../../..", "image_0.png").await.is_none());
+        assert!(store
+            .read(&RequestId::generate().to_string(), "image_0.png")
+            .await
+            .is_none());
+    }
+
+    #[test]
+    fn save_rejects_wrong_buffer_size_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let id = RequestId::generate();
+        let bad = Image {
+            width: 4,
+            height: 4,
+            rgb: vec![0; 5],
+        };
+        assert!(store.save(&id, &[bad], ImageFormat::Png).is_err());
+        assert!(!dir.path().join("files/gen").join(id.as_str()).exists());
+    }
+}
