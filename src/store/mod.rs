@@ -98,7 +98,12 @@ fn write_atomically(
     img: &Image,
     format: ImageFormat,
 ) -> Result<(), StoreError> {
-    let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".tmp-");
+    // Images are public by URL; let a front proxy or a backup job read them too.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let tmp = builder.tempfile_in(dir)?;
     let mut out = BufWriter::new(tmp.as_file());
     encode::encode(img, format, &mut out)?;
     out.flush()?;
