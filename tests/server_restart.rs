@@ -1,0 +1,123 @@
+//! End to end across restarts: balances, quota counts and stored images survive a restart; SIGTERM
+//! lets a request in flight finish; a crash mid-request is refunded at the next start.
+#![allow(clippy::unwrap_used)]
+
+mod server_support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use server_support::{Workspace, HOSTED_EXAMPLE};
+
+/// A request that takes a few seconds on a CPU with the tiny model.
+fn slow_body() -> String {
+    json!({"prompt": "a slow one", "model": "z-image-turbo", "width": 512, "height": 512, "num_images": 2}).to_string()
+}
+
+#[test]
+fn restart_keeps_balances_quotas_and_files() {
+    let ws = Workspace::new();
+    let server = ws.serve(&["--auth", "keys"]);
+    let key = ws.create_key(1000, Some(3));
+    let a = server.post(HOSTED_EXAMPLE, Some(&key)).success();
+    let b = server
+        .post(
+            &json!({"prompt": "b", "model": "flux-2-pro", "output_format": "png"}).to_string(),
+            Some(&key),
+        )
+        .success();
+    let paths: Vec<String> = [&a, &b]
+        .iter()
+        .map(|v| {
+            let url = v["images"][0]["url"].as_str().unwrap();
+            url.trim_start_matches(&server.base).to_string()
+        })
+        .collect();
+    let before: Vec<Vec<u8>> = paths.iter().map(|p| server.get(p, None).bytes).collect();
+    assert_eq!(ws.balance_and_used(&key), (500, 2));
+    assert!(server.stop().success());
+
+    let server = ws.serve(&["--auth", "keys"]);
+    for (p, bytes) in paths.iter().zip(&before) {
+        let r = server.get(p, None);
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(&r.bytes, bytes, "{p}");
+    }
+    assert_eq!(ws.balance_and_used(&key), (500, 2));
+    server.post(HOSTED_EXAMPLE, Some(&key)).success();
+    // The quota count survived: this is the 4th request of the day with a quota of 3.
+    let r = server.post(HOSTED_EXAMPLE, Some(&key));
+    assert_eq!(r.error_code(), "rate_limit_exceeded");
+    assert_eq!(ws.balance_and_used(&key), (250, 3));
+}
+
+#[test]
+fn sigterm_lets_a_request_in_flight_finish() {
+    let ws = Workspace::new();
+    let server = ws.serve(&["--auth", "keys"]);
+    let key = ws.create_key(1000, None);
+    let body = slow_body();
+    std::thread::scope(|s| {
+        let pending = s.spawn(|| server.post(&body, Some(&key)));
+        std::thread::sleep(Duration::from_millis(800));
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let r = pending.join().unwrap();
+        let v = r.success();
+        assert_eq!(v["images"].as_array().unwrap().len(), 2);
+        let id = v["request_id"].as_str().unwrap();
+        assert!(ws
+            .data()
+            .join(format!("files/gen/{id}/image_1.jpg"))
+            .is_file());
+    });
+    // (stop sends a second SIGTERM, harmless, and waits for the exit)
+    assert!(server.stop().success());
+    assert_eq!(ws.balance_and_used(&key), (800, 1));
+}
+
+#[test]
+fn a_crash_mid_request_is_refunded_at_the_next_start() {
+    let ws = Workspace::new();
+    let server = ws.serve(&["--auth", "keys"]);
+    let key = ws.create_key(1000, Some(5));
+    let body = slow_body();
+    let addr = server.base.clone();
+    let pending = std::thread::spawn({
+        let key = key.clone();
+        move || {
+            reqwest::blocking::Client::new()
+                .post(format!("{addr}/v1/generate"))
+                .header("authorization", format!("Bearer {key}"))
+                .body(body)
+                .send()
+        }
+    });
+    // Wait until the credits are reserved, then crash.
+    let mut reserved = false;
+    for _ in 0..100 {
+        if ws.balance_and_used(&key) == (800, 1) {
+            reserved = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(reserved, "the request never reserved its credits");
+    server.kill();
+    assert!(
+        pending.join().unwrap().is_err(),
+        "the killed server answered"
+    );
+    assert_eq!(ws.balance_and_used(&key), (800, 1));
+
+    let server = ws.serve(&["--auth", "keys"]);
+    assert_eq!(ws.balance_and_used(&key), (1000, 0));
+    assert!(
+        server.log().contains("refunded 1 request"),
+        "{}",
+        server.log()
+    );
+}
