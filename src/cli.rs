@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "diffusiond", version, about = "Local text-to-image server speaking the hosted image API")]
+#[command(
+    name = "diffusiond",
+    version,
+    about = "Local text-to-image server speaking the hosted image API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
