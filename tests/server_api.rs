@@ -465,3 +465,24 @@ fn builtin_catalog_sizes() {
     let file = server.get_url(v["images"][0]["url"].as_str().unwrap());
     assert_eq!(decode(&file.bytes), (image::ImageFormat::Jpeg, 256, 256));
 }
+
+#[test]
+fn a_malformed_catalog_fails_at_start_naming_the_line() {
+    let ws = Workspace::new();
+    let bad = ws.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[pipelines.z-image-turbo]\nweights = \"x\"\nsteps = = 8\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(server_support::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--catalog"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("line 3"), "{err}");
+}

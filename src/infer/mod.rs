@@ -144,12 +144,19 @@ impl Facade {
             (Err(_), Some(r)) => r.refund().await,
             (_, None) => {}
         }
+        let seconds = started.elapsed().as_secs_f64();
         match &result {
-            Ok(g) => self
-                .metrics
-                .success(g.images.len(), g.credits_used, started.elapsed()),
-            Err(InferError::Busy { .. }) => {}
-            Err(_) => self.metrics.failure(),
+            Ok(g) => {
+                tracing::info!(request_id = %id, model = %valid.model, images = g.images.len(),
+                    width = g.width, height = g.height, credits = g.credits_used, seconds, "generated");
+                self.metrics
+                    .success(g.images.len(), g.credits_used, started.elapsed());
+            }
+            Err(e @ InferError::Busy { .. }) => tracing::warn!(request_id = %id, "refused: {e}"),
+            Err(e) => {
+                tracing::warn!(request_id = %id, model = %valid.model, seconds, "failed: {e}");
+                self.metrics.failure();
+            }
         }
         result
     }
