@@ -75,8 +75,10 @@ fn write_image(img: &RgbImage, path: &Path, format: Format) -> Result<()> {
         Format::Jpeg => {
             let file = std::fs::File::create(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
-            let mut enc =
-                image::codecs::jpeg::JpegEncoder::new_with_quality(std::io::BufWriter::new(file), 95);
+            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(
+                std::io::BufWriter::new(file),
+                95,
+            );
             enc.encode_image(&buf)
         }
     }
@@ -99,12 +101,20 @@ fn weights_for(model: &str, weights: &[String], default: &str) -> Result<String>
 pub fn run(args: GenerateArgs) -> Result<()> {
     let Some(known) = KNOWN.iter().find(|k| k.name == args.model) else {
         let names: Vec<_> = KNOWN.iter().map(|k| k.name).collect();
-        bail!("unknown model '{}': available: {}", args.model, names.join(", "));
+        bail!(
+            "unknown model '{}': available: {}",
+            args.model,
+            names.join(", ")
+        );
     };
     if args.prompt.trim().is_empty() {
         bail!("--prompt must not be empty");
     }
-    if args.width == 0 || args.height == 0 || args.width % 16 != 0 || args.height % 16 != 0 {
+    if args.width == 0
+        || args.height == 0
+        || !args.width.is_multiple_of(16)
+        || !args.height.is_multiple_of(16)
+    {
         bail!(
             "--width and --height must be positive multiples of 16 (got {}x{})",
             args.width,
@@ -133,7 +143,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         negative_prompt: args.negative_prompt.clone(),
         width: args.width as usize,
         height: args.height as usize,
-        seeds: (0..args.num_images as u64).map(|i| seed.wrapping_add(i)).collect(),
+        seeds: (0..args.num_images as u64)
+            .map(|i| seed.wrapping_add(i))
+            .collect(),
         steps: steps as usize,
         guidance: Guidance {
             scale: guidance,
@@ -165,7 +177,10 @@ mod tests {
 
     #[test]
     fn numbered_outputs() {
-        assert_eq!(output_paths(Path::new("a/b.png"), 1), vec![PathBuf::from("a/b.png")]);
+        assert_eq!(
+            output_paths(Path::new("a/b.png"), 1),
+            vec![PathBuf::from("a/b.png")]
+        );
         assert_eq!(
             output_paths(Path::new("a/b.png"), 2),
             vec![PathBuf::from("a/b_0.png"), PathBuf::from("a/b_1.png")]

@@ -42,7 +42,16 @@ fn specs() -> Vec<GenerateSpec> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn run_all(model: &ZImage, items: &mut [DenoiseItem]) {
@@ -58,7 +67,11 @@ fn alone_together_and_joining_mid_loop_agree() {
     let specs = specs();
     let conds: Vec<_> = specs.iter().map(|s| model.condition(s).unwrap()).collect();
     let make = || -> Vec<Vec<DenoiseItem>> {
-        specs.iter().zip(&conds).map(|(s, c)| model.items(s, c).unwrap()).collect()
+        specs
+            .iter()
+            .zip(&conds)
+            .map(|(s, c)| model.items(s, c).unwrap())
+            .collect()
     };
 
     // Alone: each request's images in their own loop.
@@ -103,7 +116,10 @@ fn alone_together_and_joining_mid_loop_agree() {
         .flat_map(|i| denoise::decode(&model, &[*i]).unwrap())
         .collect();
     assert_eq!(img_alone, img_together, "together changed image bytes");
-    assert_eq!(img_alone, img_joined, "joining mid-loop changed image bytes");
+    assert_eq!(
+        img_alone, img_joined,
+        "joining mid-loop changed image bytes"
+    );
     assert_eq!(img_alone, img_single, "batched decode changed image bytes");
 }
 
@@ -122,7 +138,10 @@ fn scheduler_batches_without_changing_images() {
         ..Default::default()
     };
     let handle = scheduler::start(cfg).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let job = |prompt: &str, seed: u64, steps: u32| Job {
         pipeline: "z".into(),
         prompt: prompt.into(),
@@ -133,19 +152,32 @@ fn scheduler_batches_without_changing_images() {
         steps,
         guidance_scale: 0.0,
     };
-    let jobs = vec![job("a red fox", 11, 8), job("a lighthouse at night, oil painting", 12, 6), job("tea", 13, 3)];
+    let jobs = [
+        job("a red fox", 11, 8),
+        job("a lighthouse at night, oil painting", 12, 6),
+        job("tea", 13, 3),
+    ];
 
     // One at a time.
     let alone: Vec<_> = jobs
         .iter()
-        .map(|j| rt.block_on(handle.submit(j.clone()).unwrap().wait()).unwrap())
+        .map(|j| {
+            rt.block_on(handle.submit(j.clone()).unwrap().wait())
+                .unwrap()
+        })
         .collect();
 
     // A long job first, then the three while it runs: they join its batch.
     let long = handle.submit(job("a slow blocker", 99, 40)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let tickets: Vec<_> = jobs.iter().map(|j| handle.submit(j.clone()).unwrap()).collect();
-    let batched: Vec<_> = tickets.into_iter().map(|t| rt.block_on(t.wait()).unwrap()).collect();
+    let tickets: Vec<_> = jobs
+        .iter()
+        .map(|j| handle.submit(j.clone()).unwrap())
+        .collect();
+    let batched: Vec<_> = tickets
+        .into_iter()
+        .map(|t| rt.block_on(t.wait()).unwrap())
+        .collect();
     rt.block_on(long.wait()).unwrap();
     assert_eq!(alone, batched, "batching changed image bytes");
 
@@ -161,6 +193,9 @@ fn scheduler_batches_without_changing_images() {
         .find(|l| l.starts_with("diffusiond_batch_size_count"))
         .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
         .unwrap();
-    assert!(total > max_batch, "no step ran with more than 2 images:\n{metrics}");
+    assert!(
+        total > max_batch,
+        "no step ran with more than 2 images:\n{metrics}"
+    );
     handle.shutdown();
 }

@@ -29,8 +29,20 @@ fn writes_the_library_images_for_the_seed() {
     let out = dir.path().join("fox.png");
     let weights = format!("z-image-turbo={}", tiny_dir().display());
     let o = generate(&[
-        "--prompt", "a red fox sitting in the snow", "--width", "96", "--height", "64",
-        "--num-images", "2", "--seed", "7", "--weights", &weights, "--out", out.to_str().unwrap(),
+        "--prompt",
+        "a red fox sitting in the snow",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--num-images",
+        "2",
+        "--seed",
+        "7",
+        "--weights",
+        &weights,
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let files = ModelFiles::open(&WeightSource::Local(tiny_dir())).unwrap();
@@ -50,17 +62,33 @@ fn writes_the_library_images_for_the_seed() {
         )
         .unwrap();
     for (i, w) in want.iter().enumerate() {
-        let img = image::open(dir.path().join(format!("fox_{i}.png"))).unwrap().to_rgb8();
+        let img = image::open(dir.path().join(format!("fox_{i}.png")))
+            .unwrap()
+            .to_rgb8();
         assert_eq!((img.width(), img.height()), (96, 64));
-        assert_eq!(img.as_raw(), &w.data, "image {i} differs from the library's");
+        assert_eq!(
+            img.as_raw(),
+            &w.data,
+            "image {i} differs from the library's"
+        );
     }
 
     // Other formats by extension.
     for ext in ["jpg", "webp"] {
         let out = dir.path().join(format!("one.{ext}"));
         let o = generate(&[
-            "--prompt", "tea", "--width", "64", "--height", "64", "--steps", "2",
-            "--weights", &weights, "--out", out.to_str().unwrap(),
+            "--prompt",
+            "tea",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--weights",
+            &weights,
+            "--out",
+            out.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let img = image::open(&out).unwrap();
@@ -75,10 +103,55 @@ fn bad_arguments_get_one_line_and_a_failure() {
     let out = out.to_str().unwrap();
     let weights = format!("z-image-turbo={}", tiny_dir().display());
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--prompt", "x", "--width", "100", "--height", "64", "--weights", &weights, "--out", out], "multiples of 16"),
-        (vec!["--model", "nope", "--prompt", "x", "--out", out], "unknown model 'nope'"),
-        (vec!["--prompt", "x", "--width", "64", "--height", "64", "--weights", "z-image-turbo=/no/such/dir", "--out", out], "/no/such/dir"),
-        (vec!["--prompt", "x", "--width", "64", "--height", "64", "--weights", &weights, "--out", "x.gif"], "image format"),
+        (
+            vec![
+                "--prompt",
+                "x",
+                "--width",
+                "100",
+                "--height",
+                "64",
+                "--weights",
+                &weights,
+                "--out",
+                out,
+            ],
+            "multiples of 16",
+        ),
+        (
+            vec!["--model", "nope", "--prompt", "x", "--out", out],
+            "unknown model 'nope'",
+        ),
+        (
+            vec![
+                "--prompt",
+                "x",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--weights",
+                "z-image-turbo=/no/such/dir",
+                "--out",
+                out,
+            ],
+            "/no/such/dir",
+        ),
+        (
+            vec![
+                "--prompt",
+                "x",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--weights",
+                &weights,
+                "--out",
+                "x.gif",
+            ],
+            "image format",
+        ),
     ];
     for (args, needle) in cases {
         let o = generate(&args);

@@ -44,14 +44,19 @@ fn serve(mut stream: TcpStream, root: &Path, hits: &AtomicUsize) {
             range_end = b.parse().ok();
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
     let rel = path.split("/resolve/main/").nth(1).map(str::to_string);
     let file = rel
         .filter(|r| r.split('/').all(|p| p != ".."))
         .map(|r| root.join(r))
         .filter(|p| p.is_file());
     let Some(file) = file else {
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     };
     hits.fetch_add(1, Ordering::SeqCst);
@@ -92,7 +97,10 @@ fn hub_download_cache_offline_and_errors() {
 
     // Online: downloads through hf-hub into the cache, then loads.
     let model = pipeline::load_z_image("hf:test-org/tiny-z-image", "cpu", None).unwrap();
-    assert!(hits.load(Ordering::SeqCst) >= 10, "files were not fetched from the hub");
+    assert!(
+        hits.load(Ordering::SeqCst) >= 10,
+        "files were not fetched from the hub"
+    );
     let snapshot = home
         .path()
         .join("hub/models--test-org--tiny-z-image/snapshots")
@@ -113,14 +121,21 @@ fn hub_download_cache_offline_and_errors() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let before = hits.load(Ordering::SeqCst);
     pipeline::load_z_image("hf:test-org/tiny-z-image", "cpu", None).unwrap();
-    assert_eq!(hits.load(Ordering::SeqCst), before, "offline load went to the network");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        before,
+        "offline load went to the network"
+    );
 
     // Offline and not cached: a clear error naming the file.
     let err = pipeline::load_z_image("hf:test-org/other", "cpu", None)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 
     // Online but the hub is unreachable: a clear error naming the file.
     std::env::remove_var("HF_HUB_OFFLINE");

@@ -63,7 +63,9 @@ impl Case {
     fn f(&self, k: &str) -> f64 {
         match &self.json[k] {
             Value::Bool(b) => f64::from(u8::from(*b)),
-            v => v.as_f64().unwrap_or_else(|| panic!("{}: bad {k}", self.name)),
+            v => v
+                .as_f64()
+                .unwrap_or_else(|| panic!("{}: bad {k}", self.name)),
         }
     }
 }
@@ -120,7 +122,11 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
             .enumerate()
             .map(|(i, p)| {
                 let ids = model.tokenize(p).unwrap();
-                assert_eq!(ids, fixture_ids(case, ids_key, mask_key, i), "{name}: token ids of {p:?}");
+                assert_eq!(
+                    ids,
+                    fixture_ids(case, ids_key, mask_key, i),
+                    "{name}: token ids of {p:?}"
+                );
                 let emb = model.encode_ids(&ids).unwrap();
                 embeds_err = embeds_err.max(max_abs(&emb, case.get(&format!("{emb_key}.{i}"))));
                 emb
@@ -162,8 +168,14 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
         .collect();
     let mut items: Vec<DenoiseItem> = (0..b)
         .map(|k| {
-            DenoiseItem::new(model, init.get(k).unwrap(), conds[k / n_per].clone(), steps, guidance)
-                .unwrap()
+            DenoiseItem::new(
+                model,
+                init.get(k).unwrap(),
+                conds[k / n_per].clone(),
+                steps,
+                guidance,
+            )
+            .unwrap()
         })
         .collect();
 
@@ -195,15 +207,21 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
     for s in 0..steps {
         let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
         denoise::step(model, &mut refs).unwrap();
-        let got = Tensor::stack(&items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(), 0)
-            .unwrap();
+        let got = Tensor::stack(
+            &items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
         latents_err = latents_err.max(max_abs(&got, &want_steps.get(s).unwrap()));
     }
     assert!(items.iter().all(|i| i.is_done()), "{name}: items not done");
 
     // Decode and quantize.
-    let latents =
-        Tensor::stack(&items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(), 0).unwrap();
+    let latents = Tensor::stack(
+        &items.iter().map(|i| i.latent().clone()).collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
     let vae_out = model.decode(&latents).unwrap();
     let vae_err = max_abs(&vae_out, case.get("vae_out"));
     let images = to_rgb8(&vae_out).unwrap();
@@ -212,7 +230,12 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
         denoise::decode(model, &refs).unwrap()
     };
     assert_eq!(images, via_api, "{name}: decode paths disagree");
-    let want_u8 = case.get("image_u8").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want_u8 = case
+        .get("image_u8")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     let got_u8: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
     assert_eq!(got_u8.len(), want_u8.len(), "{name}: image size");
     let mut mismatch = 0;
@@ -236,7 +259,11 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
 }
 
 fn run_reference_dir(dir: &Path) {
-    assert!(dir.is_dir(), "reference directory {} not found", dir.display());
+    assert!(
+        dir.is_dir(),
+        "reference directory {} not found",
+        dir.display()
+    );
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases/index.json")).unwrap())
             .unwrap();
@@ -255,8 +282,11 @@ fn run_reference_dir(dir: &Path) {
             &std::fs::read_to_string(dir.join(format!("cases/{name}.json"))).unwrap(),
         )
         .unwrap();
-        let t = candle_core::safetensors::load(dir.join(format!("cases/{name}.safetensors")), &Device::Cpu)
-            .unwrap();
+        let t = candle_core::safetensors::load(
+            dir.join(format!("cases/{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let case = Case {
             name: name.clone(),
             json,
@@ -282,7 +312,11 @@ fn run_reference_dir(dir: &Path) {
             failures.push(name.clone());
         }
     }
-    assert!(failures.is_empty(), "cases over tolerance in {}: {failures:?}", dir.display());
+    assert!(
+        failures.is_empty(),
+        "cases over tolerance in {}: {failures:?}",
+        dir.display()
+    );
 }
 
 fn crate_dir() -> PathBuf {

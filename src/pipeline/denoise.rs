@@ -168,17 +168,25 @@ impl ZImage {
     /// Check a spec against the model: size multiple, steps.
     pub fn check_spec(&self, spec: &GenerateSpec) -> Result<()> {
         let m = self.size_multiple();
-        if spec.width == 0 || spec.height == 0 || spec.width % m != 0 || spec.height % m != 0 {
+        if spec.width == 0
+            || spec.height == 0
+            || !spec.width.is_multiple_of(m)
+            || !spec.height.is_multiple_of(m)
+        {
             return Err(PipelineError::InvalidInput(format!(
                 "width and height must be positive multiples of {m} (got {}x{})",
                 spec.width, spec.height
             )));
         }
         if spec.steps == 0 {
-            return Err(PipelineError::InvalidInput("steps must be at least 1".into()));
+            return Err(PipelineError::InvalidInput(
+                "steps must be at least 1".into(),
+            ));
         }
         if spec.seeds.is_empty() {
-            return Err(PipelineError::InvalidInput("at least one image is needed".into()));
+            return Err(PipelineError::InvalidInput(
+                "at least one image is needed".into(),
+            ));
         }
         Ok(())
     }

@@ -187,15 +187,10 @@ impl ModelFiles {
             let map = index
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| {
-                    load_err(format!("{} has no weight_map", index_path.display()))
-                })?;
+                .ok_or_else(|| load_err(format!("{} has no weight_map", index_path.display())))?;
             let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
             if files.is_empty() {
-                return Err(load_err(format!(
-                    "{} lists no files",
-                    index_path.display()
-                )));
+                return Err(load_err(format!("{} lists no files", index_path.display())));
             }
             return files
                 .into_iter()
@@ -228,7 +223,11 @@ impl ModelFiles {
 
 /// Memory-map safetensors files into a VarBuilder; tensors are cast to `dtype` when read.
 #[allow(unsafe_code)]
-fn mmap_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+fn mmap_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     // SAFETY: the files are opened read-only and must not be modified while the pipeline is
     // loading; weights are copied into device tensors when read, so the map is not kept.
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {

@@ -32,7 +32,13 @@ pub fn normal_f32(seed: u64, n: usize) -> Vec<f32> {
 }
 
 /// The initial latent `(channels, h, w)` of one image.
-pub fn initial_latent(seed: u64, channels: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+pub fn initial_latent(
+    seed: u64,
+    channels: usize,
+    h: usize,
+    w: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let v = normal_f32(seed, channels * h * w);
     Ok(Tensor::from_vec(v, (channels, h, w), device)?)
 }

@@ -28,7 +28,9 @@ fn default_shift() -> f64 {
 /// (`s' = shift*s / (1 + (shift-1)*s)`), then a final 0 (n + 1 values).
 pub fn sigmas(cfg: &SchedulerConfig, n: usize) -> Result<Vec<f32>> {
     if n == 0 {
-        return Err(PipelineError::InvalidInput("steps must be at least 1".into()));
+        return Err(PipelineError::InvalidInput(
+            "steps must be at least 1".into(),
+        ));
     }
     if cfg.use_dynamic_shifting {
         return Err(PipelineError::InvalidInput(

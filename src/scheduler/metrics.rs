@@ -98,16 +98,68 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         };
-        gauge(&mut out, "diffusiond_queue_depth", "Jobs waiting for the device.", "gauge", &self.queue_depth);
-        gauge(&mut out, "diffusiond_running_images", "Images in the running denoising batch.", "gauge", &self.running_images);
-        gauge(&mut out, "diffusiond_images_generated_total", "Images generated.", "counter", &self.images_generated);
-        gauge(&mut out, "diffusiond_jobs_failed_total", "Jobs whose generation failed.", "counter", &self.jobs_failed);
-        gauge(&mut out, "diffusiond_jobs_cancelled_total", "Jobs dropped because their client went away.", "counter", &self.jobs_cancelled);
-        gauge(&mut out, "diffusiond_jobs_rejected_busy_total", "Jobs refused because the queue was full.", "counter", &self.jobs_rejected_busy);
-        self.batch_size.render(&mut out, "diffusiond_batch_size", "Images per denoising step.");
-        self.image_latency.render(&mut out, "diffusiond_image_latency_seconds", "Time from submit to finished image, per image.");
-        self.queue_wait.render(&mut out, "diffusiond_queue_wait_seconds", "Time a job waited before its first step.");
-        self.step_seconds.render(&mut out, "diffusiond_step_seconds", "Wall time of one batched denoising step.");
+        gauge(
+            &mut out,
+            "diffusiond_queue_depth",
+            "Jobs waiting for the device.",
+            "gauge",
+            &self.queue_depth,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_running_images",
+            "Images in the running denoising batch.",
+            "gauge",
+            &self.running_images,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_images_generated_total",
+            "Images generated.",
+            "counter",
+            &self.images_generated,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_jobs_failed_total",
+            "Jobs whose generation failed.",
+            "counter",
+            &self.jobs_failed,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_jobs_cancelled_total",
+            "Jobs dropped because their client went away.",
+            "counter",
+            &self.jobs_cancelled,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_jobs_rejected_busy_total",
+            "Jobs refused because the queue was full.",
+            "counter",
+            &self.jobs_rejected_busy,
+        );
+        self.batch_size.render(
+            &mut out,
+            "diffusiond_batch_size",
+            "Images per denoising step.",
+        );
+        self.image_latency.render(
+            &mut out,
+            "diffusiond_image_latency_seconds",
+            "Time from submit to finished image, per image.",
+        );
+        self.queue_wait.render(
+            &mut out,
+            "diffusiond_queue_wait_seconds",
+            "Time a job waited before its first step.",
+        );
+        self.step_seconds.render(
+            &mut out,
+            "diffusiond_step_seconds",
+            "Wall time of one batched denoising step.",
+        );
         out
     }
 }

@@ -114,7 +114,10 @@ impl Worker {
                 key = None;
             }
             let images: usize = batch.iter().map(|a| a.items.len()).sum();
-            self.shared.metrics.running_images.store(images as u64, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .running_images
+                .store(images as u64, Ordering::Relaxed);
         }
         // Shutdown: the running batch has drained; answer anything left.
         for a in batch {
@@ -128,7 +131,10 @@ impl Worker {
         let shared = &self.shared;
         let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
         for p in q.drain_where(|p| p.cancel.is_cancelled()) {
-            shared.metrics.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .jobs_cancelled
+                .fetch_add(1, Ordering::Relaxed);
             let _ = p.reply.send(Err(JobError::Cancelled));
         }
         if shared.shutting_down.load(Ordering::SeqCst) {
@@ -136,7 +142,11 @@ impl Worker {
                 let _ = p.reply.send(Err(JobError::ShuttingDown));
             }
             shared.metrics.queue_depth.store(0, Ordering::Relaxed);
-            return if batch.is_empty() { None } else { Some(Vec::new()) };
+            return if batch.is_empty() {
+                None
+            } else {
+                Some(Vec::new())
+            };
         }
         let jobs = if batch.is_empty() {
             while q.is_empty() && !shared.shutting_down.load(Ordering::SeqCst) {
@@ -153,14 +163,20 @@ impl Worker {
         } else {
             Vec::new()
         };
-        shared.metrics.queue_depth.store(q.len() as u64, Ordering::Relaxed);
+        shared
+            .metrics
+            .queue_depth
+            .store(q.len() as u64, Ordering::Relaxed);
         Some(jobs)
     }
 
     /// Encode a job's prompt and make its items; a failure answers the job at once.
     fn admit(&mut self, p: Pending) -> Option<Active> {
         if p.cancel.is_cancelled() {
-            self.shared.metrics.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .jobs_cancelled
+                .fetch_add(1, Ordering::Relaxed);
             let _ = p.reply.send(Err(JobError::Cancelled));
             return None;
         }
@@ -208,7 +224,10 @@ impl Worker {
 
     fn fail(&self, p: Pending, why: String) {
         tracing::error!(parent: &p.span, error = %why, "generation failed");
-        self.shared.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .jobs_failed
+            .fetch_add(1, Ordering::Relaxed);
         let _ = p.reply.send(Err(JobError::Failed(why)));
     }
 
@@ -218,7 +237,10 @@ impl Worker {
             if batch[i].pending.cancel.is_cancelled() {
                 let a = batch.swap_remove(i);
                 tracing::info!(parent: &a.pending.span, "cancelled: client went away");
-                self.shared.metrics.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .jobs_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
                 let _ = a.pending.reply.send(Err(JobError::Cancelled));
             } else {
                 i += 1;
@@ -245,7 +267,10 @@ impl Worker {
             }))
         });
         self.shared.metrics.batch_size.observe(n as f64);
-        self.shared.metrics.step_seconds.observe(started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
         let why = match result {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
@@ -277,12 +302,14 @@ impl Worker {
             Ok(Ok(images)) => images,
             Ok(Err(e)) => {
                 let why = e.to_string();
-                done.into_iter().for_each(|a| self.fail(a.pending, why.clone()));
+                done.into_iter()
+                    .for_each(|a| self.fail(a.pending, why.clone()));
                 return;
             }
             Err(panic) => {
                 let why = panic_message(panic);
-                done.into_iter().for_each(|a| self.fail(a.pending, why.clone()));
+                done.into_iter()
+                    .for_each(|a| self.fail(a.pending, why.clone()));
                 return;
             }
         };

@@ -62,9 +62,18 @@ impl SelfAttention {
     fn forward(&self, x: &Tensor, ctx: &StreamCtx) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let dtype = x.dtype();
-        let q = self.to_q.forward(x)?.reshape((b, s, self.n_heads, self.head_dim))?;
-        let k = self.to_k.forward(x)?.reshape((b, s, self.n_kv_heads, self.head_dim))?;
-        let v = self.to_v.forward(x)?.reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        let q = self
+            .to_q
+            .forward(x)?
+            .reshape((b, s, self.n_heads, self.head_dim))?;
+        let k = self
+            .to_k
+            .forward(x)?
+            .reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        let v = self
+            .to_v
+            .forward(x)?
+            .reshape((b, s, self.n_kv_heads, self.head_dim))?;
         // RoPE runs in f32 as in the reference, on (B, H, S, D).
         let rot = |t: Tensor| -> Result<Tensor> {
             let t = t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
@@ -139,7 +148,9 @@ impl Block {
                 let scale_mlp = (&mods[2] + 1.0)?;
                 let gate_mlp = mods[3].tanh()?;
                 let h = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
-                let h = self.attention_norm2.forward(&self.attention.forward(&h, ctx)?)?;
+                let h = self
+                    .attention_norm2
+                    .forward(&self.attention.forward(&h, ctx)?)?;
                 let x = (x + h.broadcast_mul(&gate_msa)?)?;
                 let h = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
                 let h = self.ffn_norm2.forward(&self.feed_forward.forward(&h)?)?;
@@ -147,9 +158,13 @@ impl Block {
             }
             _ => {
                 let h = self.attention_norm1.forward(x)?;
-                let h = self.attention_norm2.forward(&self.attention.forward(&h, ctx)?)?;
+                let h = self
+                    .attention_norm2
+                    .forward(&self.attention.forward(&h, ctx)?)?;
                 let x = (x + h)?;
-                let h = self.ffn_norm2.forward(&self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?)?;
+                let h = self
+                    .ffn_norm2
+                    .forward(&self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?)?;
                 Ok((x + h)?)
             }
         }

@@ -60,20 +60,23 @@ impl TransformerConfig {
 
     pub fn validate(&self) -> Result<()> {
         let hd = self.head_dim();
-        if self.dim % self.n_heads != 0 || hd % 2 != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) || !hd.is_multiple_of(2) {
             return Err(load_err(format!(
                 "transformer dim {} is not n_heads {} times an even head_dim",
                 self.dim, self.n_heads
             )));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return Err(load_err("transformer n_heads must be a multiple of n_kv_heads"));
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(load_err(
+                "transformer n_heads must be a multiple of n_kv_heads",
+            ));
         }
         if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
-            return Err(load_err("transformer axes_dims and axes_lens need 3 entries"));
+            return Err(load_err(
+                "transformer axes_dims and axes_lens need 3 entries",
+            ));
         }
-        if self.axes_dims.iter().sum::<usize>() != hd || self.axes_dims.iter().any(|d| d % 2 != 0)
-        {
+        if self.axes_dims.iter().sum::<usize>() != hd || self.axes_dims.iter().any(|d| d % 2 != 0) {
             return Err(load_err(format!(
                 "transformer axes_dims {:?} must be even and sum to head_dim {hd}",
                 self.axes_dims

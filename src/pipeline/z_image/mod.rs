@@ -35,7 +35,10 @@ impl ZImage {
     /// Load every component of a checkout in the published layout onto `device` in `dtype`.
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
         let index: serde_json::Value = files.json("model_index.json")?;
-        let class = index.get("_class_name").and_then(|v| v.as_str()).unwrap_or("");
+        let class = index
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         if class != "ZImagePipeline" {
             return Err(load_err(format!(
                 "{}: model_index.json names '{class}', expected ZImagePipeline",

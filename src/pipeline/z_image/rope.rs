@@ -66,7 +66,12 @@ pub fn caption_positions(padded_len: usize) -> Vec<[usize; 3]> {
 /// Positions of one item's image tokens: `(P + 1, h, w)` in row-major order for the real tokens,
 /// `(0, 0, 0)` for the pad tokens up to `padded_len`. `cap_padded` is the item's own padded
 /// caption length P.
-pub fn image_positions(ht: usize, wt: usize, padded_len: usize, cap_padded: usize) -> Vec<[usize; 3]> {
+pub fn image_positions(
+    ht: usize,
+    wt: usize,
+    padded_len: usize,
+    cap_padded: usize,
+) -> Vec<[usize; 3]> {
     let mut out = Vec::with_capacity(padded_len);
     for h in 0..ht {
         for w in 0..wt {

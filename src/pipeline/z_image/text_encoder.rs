@@ -64,9 +64,18 @@ impl Attention {
     /// x: (1, L, hidden); cos/sin: (L, head_dim) in the run dtype; mask: (L, L) additive.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let q = self.q_proj.forward(x)?.reshape((b, l, self.n_heads, self.head_dim))?;
-        let k = self.k_proj.forward(x)?.reshape((b, l, self.n_kv_heads, self.head_dim))?;
-        let v = self.v_proj.forward(x)?.reshape((b, l, self.n_kv_heads, self.head_dim))?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, l, self.n_heads, self.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, l, self.n_kv_heads, self.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, l, self.n_kv_heads, self.head_dim))?;
         let q = self.q_norm.forward(&q)?.transpose(1, 2)?.contiguous()?;
         let k = self.k_norm.forward(&k)?.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
@@ -88,8 +97,7 @@ impl Attention {
 
 fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     let (b, h, l, d) = x.dims4()?;
-    Ok(x
-        .unsqueeze(2)?
+    Ok(x.unsqueeze(2)?
         .expand((b, h, rep, l, d))?
         .reshape((b, h * rep, l, d))?)
 }
@@ -154,11 +162,18 @@ impl TextEncoder {
         }
         if let Some(act) = &cfg.hidden_act {
             if act != "silu" {
-                return Err(load_err(format!("text encoder hidden_act '{act}' unsupported")));
+                return Err(load_err(format!(
+                    "text encoder hidden_act '{act}' unsupported"
+                )));
             }
         }
-        if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
-            return Err(load_err("num_attention_heads must be a multiple of num_key_value_heads"));
+        if !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+        {
+            return Err(load_err(
+                "num_attention_heads must be a multiple of num_key_value_heads",
+            ));
         }
         let vb = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;

@@ -62,7 +62,8 @@ impl FinalLayer {
     }
 
     fn forward(&self, x: &Tensor, adaln: &Tensor) -> Result<Tensor> {
-        let scale = (per_item(&self.modulation, &candle_nn::ops::silu(adaln)?)?.unsqueeze(1)? + 1.0)?;
+        let scale =
+            (per_item(&self.modulation, &candle_nn::ops::silu(adaln)?)?.unsqueeze(1)? + 1.0)?;
         let ones = Tensor::ones(self.dim, x.dtype(), x.device())?;
         let zeros = Tensor::zeros(self.dim, x.dtype(), x.device())?;
         let normed = candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)?;
@@ -167,7 +168,10 @@ impl Transformer {
 
     /// Pad per-item `(len_i, dim)` sequences to the longest, with their RoPE tables and lengths.
     fn stack(&self, items: Vec<Tensor>, positions: Vec<Vec<[usize; 3]>>) -> Result<Stream> {
-        let lens: Vec<usize> = items.iter().map(|t| t.dim(0)).collect::<candle_core::Result<_>>()?;
+        let lens: Vec<usize> = items
+            .iter()
+            .map(|t| t.dim(0))
+            .collect::<candle_core::Result<_>>()?;
         let max = lens.iter().copied().max().unwrap_or(0);
         let mut xs = Vec::with_capacity(items.len());
         let mut coss = Vec::with_capacity(items.len());
@@ -212,9 +216,9 @@ impl Transformer {
             return Ok(Vec::new());
         }
         let t: Vec<f32> = items.iter().map(|i| i.t).collect();
-        let adaln = self
-            .t_embedder
-            .forward(&t, self.cfg.t_scale as f32, self.dtype, &self.device)?;
+        let adaln =
+            self.t_embedder
+                .forward(&t, self.cfg.t_scale as f32, self.dtype, &self.device)?;
 
         let mut img_tokens = Vec::with_capacity(items.len());
         let mut cap_tokens = Vec::with_capacity(items.len());
@@ -292,4 +296,3 @@ pub fn check_caption_width(transformer: &TransformerConfig, text_hidden: usize) 
     }
     Ok(())
 }
-

@@ -1,0 +1,146 @@
+//! Per-stage timing of one generation, the same workload as the reference's
+//! `bench_diffusers.py`, printing one JSON line of medians (used by `scripts/bench-vs-diffusers`).
+//!
+//!     cargo bench --bench pipeline_stages -- --model DIR [--num-images 1 --runs 5 --warmup 2
+//!         --height 256 --width 256 --steps 9 --threads 2]
+//!
+//! Stages: text_encode_s = prompt encoding; denoise_per_step_s = denoising loop / steps;
+//! vae_decode_s = VAE decoder forward; total_s = prompt to RGB bytes.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
+use diffusiond::pipeline::image::to_rgb8;
+use diffusiond::pipeline::{Guidance, ModelFiles, WeightSource, ZImage};
+
+const PROMPT: &str =
+    "a photo of a cat sitting on a wooden table next to a window, soft morning light";
+
+struct Args {
+    model: String,
+    height: usize,
+    width: usize,
+    steps: usize,
+    num_images: usize,
+    runs: usize,
+    warmup: usize,
+}
+
+fn parse() -> Args {
+    let mut a = Args {
+        model: std::env::var("DIFFUSIOND_BENCH_MODEL").unwrap_or_default(),
+        height: 256,
+        width: 256,
+        steps: 9,
+        num_images: 1,
+        runs: 5,
+        warmup: 2,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        let n = || {
+            v.parse::<usize>()
+                .unwrap_or_else(|_| panic!("bad value for {}", argv[i]))
+        };
+        match argv[i].as_str() {
+            "--model" => a.model = v.clone(),
+            "--height" => a.height = n(),
+            "--width" => a.width = n(),
+            "--steps" => a.steps = n(),
+            "--num-images" => a.num_images = n(),
+            "--runs" => a.runs = n(),
+            "--warmup" => a.warmup = n(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let a = parse();
+    if a.model.is_empty() {
+        eprintln!("pipeline_stages: pass --model DIR (or set DIFFUSIOND_BENCH_MODEL); skipping");
+        return;
+    }
+    let files = ModelFiles::open(&WeightSource::Local(a.model.clone().into())).expect("model");
+    let model = ZImage::load(&files, &Device::Cpu, DType::F32).expect("load");
+    let spec = |seed: u64| GenerateSpec {
+        prompt: PROMPT.into(),
+        negative_prompt: String::new(),
+        width: a.width,
+        height: a.height,
+        seeds: (0..a.num_images as u64).map(|i| seed * 100 + i).collect(),
+        steps: a.steps,
+        guidance: Guidance::none(),
+    };
+    let (mut te, mut step, mut vae, mut total) = (vec![], vec![], vec![], vec![]);
+    for r in 0..a.warmup + a.runs {
+        let s = spec(r as u64);
+        let t0 = Instant::now();
+        let cond = model.condition(&s).expect("encode");
+        let t_te = t0.elapsed().as_secs_f64();
+        let mut items = model.items(&s, &cond).expect("items");
+        let t1 = Instant::now();
+        while items.iter().any(|i| !i.is_done()) {
+            let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
+            denoise::step(&model, &mut refs).expect("step");
+        }
+        let t_step = t1.elapsed().as_secs_f64() / a.steps as f64;
+        let latents: Vec<&Tensor> = items.iter().map(|i| i.latent()).collect();
+        let batch = Tensor::stack(&latents, 0).expect("stack");
+        let t2 = Instant::now();
+        let decoded = model.decode(&batch).expect("decode");
+        let t_vae = t2.elapsed().as_secs_f64();
+        let images = to_rgb8(&decoded).expect("rgb");
+        let t_total = t0.elapsed().as_secs_f64();
+        assert_eq!(images.len(), a.num_images);
+        eprintln!("run {r}: text {t_te:.3}s step {t_step:.3}s vae {t_vae:.3}s total {t_total:.3}s");
+        if r >= a.warmup {
+            te.push(t_te);
+            step.push(t_step);
+            vae.push(t_vae);
+            total.push(t_total);
+        }
+    }
+    println!(
+        "{{\"impl\": \"diffusiond {}\", \"height\": {}, \"width\": {}, \"steps\": {}, \"num_images\": {}, \"runs\": {}, \"warmup\": {}, \"text_encode_s\": {:.4}, \"denoise_per_step_s\": {:.4}, \"vae_decode_s\": {:.4}, \"total_s\": {:.4}, \"peak_rss_mb\": {:.1}}}",
+        env!("CARGO_PKG_VERSION"),
+        a.height,
+        a.width,
+        a.steps,
+        a.num_images,
+        a.runs,
+        a.warmup,
+        median(&mut te),
+        median(&mut step),
+        median(&mut vae),
+        median(&mut total),
+        peak_rss_mb()
+    );
+}
