@@ -93,6 +93,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let accounts = Accounts::open(&data_dir).await?;
+    let _lock = lock_data_dir(&data_dir)?;
     let refunded = accounts.refund_stale_reservations().await?;
     if refunded > 0 {
         tracing::warn!("refunded {refunded} request(s) left unfinished by the previous run");
@@ -158,6 +159,29 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hold `<data-dir>/serve.lock` for the server's lifetime: at start a server refunds reservations
+/// left open, which is only right if no other server is using the same data directory. (The
+/// `keys` commands do not take it.)
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `diffusiond serve` is using the data directory {}",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -121,3 +121,24 @@ fn a_crash_mid_request_is_refunded_at_the_next_start() {
         server.log()
     );
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let ws = Workspace::new();
+    let _first = ws.serve(&[]);
+    let out = std::process::Command::new(server_support::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--catalog"])
+        .arg(&ws.catalog)
+        .arg("--data-dir")
+        .arg(ws.data())
+        .arg("--weights")
+        .arg(format!(
+            "z-image-turbo={}",
+            server_support::tiny_model().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `diffusiond serve`"), "{err}");
+}
