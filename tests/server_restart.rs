@@ -14,6 +14,17 @@ fn slow_body() -> String {
     json!({"prompt": "a slow one", "model": "z-image-turbo", "width": 512, "height": 512, "num_images": 2}).to_string()
 }
 
+/// Wait until a request in flight has reserved its credits (the key shows `expected`).
+fn wait_for_reservation(ws: &Workspace, key: &str, expected: (i64, i64)) {
+    for _ in 0..200 {
+        if ws.balance_and_used(key) == expected {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the request never reserved its credits");
+}
+
 #[test]
 fn restart_keeps_balances_quotas_and_files() {
     let ws = Workspace::new();
@@ -59,7 +70,7 @@ fn sigterm_lets_a_request_in_flight_finish() {
     let body = slow_body();
     std::thread::scope(|s| {
         let pending = s.spawn(|| server.post(&body, Some(&key)));
-        std::thread::sleep(Duration::from_millis(800));
+        wait_for_reservation(&ws, &key, (800, 1));
         let kill = std::process::Command::new("kill")
             .args(["-TERM", &server.pid().to_string()])
             .status()
@@ -96,16 +107,7 @@ fn a_crash_mid_request_is_refunded_at_the_next_start() {
                 .send()
         }
     });
-    // Wait until the credits are reserved, then crash.
-    let mut reserved = false;
-    for _ in 0..100 {
-        if ws.balance_and_used(&key) == (800, 1) {
-            reserved = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(reserved, "the request never reserved its credits");
+    wait_for_reservation(&ws, &key, (800, 1));
     server.kill();
     assert!(
         pending.join().unwrap().is_err(),
