@@ -14,6 +14,9 @@ use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
 use diffusiond::pipeline::image::to_rgb8;
 use diffusiond::pipeline::{Guidance, ModelFiles, WeightSource, ZImage};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PROMPT: &str =
     "a photo of a cat sitting on a wooden table next to a window, soft morning light";
 
@@ -25,6 +28,8 @@ struct Args {
     num_images: usize,
     runs: usize,
     warmup: usize,
+    /// Time the denoising loop only (for profiling the transformer).
+    skip_vae: bool,
 }
 
 fn parse() -> Args {
@@ -36,6 +41,7 @@ fn parse() -> Args {
         num_images: 1,
         runs: 5,
         warmup: 2,
+        skip_vae: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -53,6 +59,11 @@ fn parse() -> Args {
             "--num-images" => a.num_images = n(),
             "--runs" => a.runs = n(),
             "--warmup" => a.warmup = n(),
+            "--skip-vae" => {
+                a.skip_vae = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -112,6 +123,10 @@ fn main() {
             denoise::step(&model, &mut refs).expect("step");
         }
         let t_step = t1.elapsed().as_secs_f64() / a.steps as f64;
+        if a.skip_vae {
+            eprintln!("run {r}: text {t_te:.3}s step {t_step:.3}s");
+            continue;
+        }
         let latents: Vec<&Tensor> = items.iter().map(|i| i.latent()).collect();
         let batch = Tensor::stack(&latents, 0).expect("stack");
         let t2 = Instant::now();

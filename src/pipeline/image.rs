@@ -37,19 +37,32 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
 
 fn quantize(x: f32) -> u8 {
     let v = (x / 2.0 + 0.5).clamp(0.0, 1.0);
-    (v * 255.0).round_ties_even() as u8
+    round_u8(v * 255.0)
+}
+
+/// numpy's `round` (half to even) of a value already in [0, 255].
+fn round_u8(scaled: f32) -> u8 {
+    scaled.round_ties_even() as u8
 }
 
 #[cfg(test)]
 mod tests {
-    use super::quantize;
+    use super::{quantize, round_u8};
 
     #[test]
-    fn rounds_half_to_even_and_clamps() {
+    fn clamps_to_the_byte_range() {
         assert_eq!(quantize(-2.0), 0);
         assert_eq!(quantize(3.0), 255);
-        // v*255 = 0.5 exactly -> 0; 1.5 -> 2
-        assert_eq!(quantize(0.5 / 255.0 * 2.0 - 1.0), 0);
-        assert_eq!(quantize(1.5 / 255.0 * 2.0 - 1.0), 2);
+        assert_eq!(quantize(1.0), 255);
+        assert_eq!(quantize(-1.0), 0);
+    }
+
+    #[test]
+    fn rounds_half_to_even() {
+        assert_eq!(round_u8(0.5), 0);
+        assert_eq!(round_u8(1.5), 2);
+        assert_eq!(round_u8(2.5), 2);
+        assert_eq!(round_u8(2.5001), 3);
+        assert_eq!(round_u8(254.5), 254);
     }
 }

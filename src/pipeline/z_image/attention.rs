@@ -1,15 +1,23 @@
-//! Scaled dot-product attention, computed item by item on each item's own valid length.
+//! Scaled dot-product attention, computed item by item on each item's own valid length, in
+//! query blocks.
 //!
-//! Running each item alone (instead of one masked batched call) wastes nothing on batch padding
-//! and makes an item's result bit-for-bit independent of its batch mates: the kernels see the
-//! same shapes whether the item runs alone or in a batch.
+//! - Running each item alone (instead of one masked batched call) wastes nothing on batch
+//!   padding and makes an item's result bit-for-bit independent of its batch mates: the kernels
+//!   see the same shapes whether the item runs alone or in a batch.
+//! - Queries are processed in blocks so that at most `SCORE_BUDGET` scores exist at once: a
+//!   (heads, S, S) score matrix is never materialised for long sequences (the VAE's mid-block
+//!   attention over all pixels has S = 16384 at 1024x1024). Each block's softmax sees its whole
+//!   key row, so the result does not depend on the block size.
 
 use candle_core::Tensor;
 
 use crate::pipeline::error::Result;
 
-/// q: (B, H, S, D), k/v: (B, Hkv, S, D) contiguous; `lens[i]` valid rows of item i (all S when
-/// `None`). Returns (B, S, H*D); rows past an item's length are zero.
+/// Scores held at once per item (f32 elements): 8 Mi = 32 MiB.
+const SCORE_BUDGET: usize = 8 << 20;
+
+/// q: (B, H, S, D), k/v: (B, Hkv, S, D); `lens[i]` valid rows of item i (all S when `None`).
+/// Returns (B, S, H*D); rows past an item's length are zero.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let hkv = k.dim(1)?;
@@ -30,12 +38,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> 
             ki = expand(&ki)?;
             vi = expand(&vi)?;
         }
-        let scores = (qi.contiguous()?.matmul(&ki.contiguous()?.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&vi.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((1, len, h * d))?;
+        let kt = ki.contiguous()?.t()?;
+        let vi = vi.contiguous()?;
+        let block = (SCORE_BUDGET / (h * len).max(1)).clamp(1, len.max(1));
+        let mut parts = Vec::with_capacity(len.div_ceil(block));
+        let mut start = 0;
+        while start < len {
+            let n = block.min(len - start);
+            let qb = qi.narrow(2, start, n)?.contiguous()?;
+            let scores = (qb.matmul(&kt)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            parts.push(probs.matmul(&vi)?);
+            start += n;
+        }
+        let out = if parts.len() == 1 {
+            parts.swap_remove(0)
+        } else {
+            Tensor::cat(&parts, 2)?
+        };
+        let out = out.transpose(1, 2)?.reshape((1, len, h * d))?;
         outs.push(if len < s {
             let pad = Tensor::zeros((1, s - len, h * d), out.dtype(), out.device())?;
             Tensor::cat(&[&out, &pad], 1)?
@@ -44,4 +65,43 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> 
         });
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn blocked_equals_one_shot() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 2, 40, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 1, 40, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 1, 40, 8), &dev)?;
+        let out =
+            super::attention(&q, &k, &v, Some(&[40, 33])).map_err(candle_core::Error::wrap)?;
+        // Reference: plain softmax(q k^T / sqrt(d)) v per item, heads sharing the kv head.
+        for (i, len) in [(0usize, 40usize), (1, 33)] {
+            let qi = q.get(i)?.narrow(1, 0, len)?;
+            let ki = k
+                .get(i)?
+                .narrow(1, 0, len)?
+                .broadcast_as((2, len, 8))?
+                .contiguous()?;
+            let vi = v
+                .get(i)?
+                .narrow(1, 0, len)?
+                .broadcast_as((2, len, 8))?
+                .contiguous()?;
+            let p = candle_nn::ops::softmax_last_dim(&(qi.matmul(&ki.t()?)? / (8f64).sqrt())?)?;
+            let want = p.matmul(&vi)?.transpose(0, 1)?.reshape((len, 16))?;
+            let got = out.get(i)?.narrow(0, 0, len)?;
+            let err = (want - got)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-5, "item {i}: {err}");
+        }
+        Ok(())
+    }
 }

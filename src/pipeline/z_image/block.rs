@@ -2,10 +2,11 @@
 //! sandwich RMSNorms, and optional adaLN modulation (scale and tanh gate).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::attention;
 use super::config::TransformerConfig;
+use super::linear::Dense;
 use crate::pipeline::error::Result;
 
 /// Rotary tables and key mask shared by every block of one stream.
@@ -32,10 +33,9 @@ pub fn per_item(lin: &Linear, c: &Tensor) -> Result<Tensor> {
 }
 
 struct SelfAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    /// to_q, to_k, to_v fused.
+    qkv: Dense,
+    to_out: Dense,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     n_heads: usize,
@@ -47,10 +47,14 @@ impl SelfAttention {
     fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let hd = cfg.head_dim();
         Ok(Self {
-            to_q: linear_no_bias(cfg.dim, cfg.n_heads * hd, vb.pp("to_q"))?,
-            to_k: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("to_k"))?,
-            to_v: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("to_v"))?,
-            to_out: linear_no_bias(cfg.n_heads * hd, cfg.dim, vb.pp("to_out.0"))?,
+            qkv: Dense::load(
+                &vb,
+                &["to_q", "to_k", "to_v"],
+                cfg.dim,
+                &[cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd],
+                false,
+            )?,
+            to_out: Dense::load(&vb, &["to_out.0"], cfg.n_heads * hd, &[cfg.dim], false)?,
             norm_q: rms_norm(hd, 1e-5, vb.pp("norm_q"))?,
             norm_k: rms_norm(hd, 1e-5, vb.pp("norm_k"))?,
             n_heads: cfg.n_heads,
@@ -62,18 +66,14 @@ impl SelfAttention {
     fn forward(&self, x: &Tensor, ctx: &StreamCtx) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let dtype = x.dtype();
-        let q = self
-            .to_q
-            .forward(x)?
-            .reshape((b, s, self.n_heads, self.head_dim))?;
-        let k = self
-            .to_k
-            .forward(x)?
-            .reshape((b, s, self.n_kv_heads, self.head_dim))?;
-        let v = self
-            .to_v
-            .forward(x)?
-            .reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        let (hq, hkv) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
+        let qkv = Dense::split(&self.qkv.forward(x)?, &[hq, hkv, hkv])?;
+        let q = qkv[0].reshape((b, s, self.n_heads, self.head_dim))?;
+        let k = qkv[1].reshape((b, s, self.n_kv_heads, self.head_dim))?;
+        let v = qkv[2].reshape((b, s, self.n_kv_heads, self.head_dim))?;
         // RoPE runs in f32 as in the reference, on (B, H, S, D).
         let rot = |t: Tensor| -> Result<Tensor> {
             let t = t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
@@ -83,28 +83,30 @@ impl SelfAttention {
         let k = rot(self.norm_k.forward(&k)?)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let out = attention(&q, &k, &v, Some(&ctx.lens))?; // (B, S, H*D)
-        Ok(self.to_out.forward(&out)?)
+        self.to_out.forward(&out)
     }
 }
 
 struct FeedForward {
-    w1: Linear,
-    w2: Linear,
-    w3: Linear,
+    /// w1 and w3 fused.
+    w13: Dense,
+    w2: Dense,
+    hidden: usize,
 }
 
 impl FeedForward {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            w1: linear_no_bias(dim, hidden, vb.pp("w1"))?,
-            w2: linear_no_bias(hidden, dim, vb.pp("w2"))?,
-            w3: linear_no_bias(dim, hidden, vb.pp("w3"))?,
+            w13: Dense::load(&vb, &["w1", "w3"], dim, &[hidden, hidden], false)?,
+            w2: Dense::load(&vb, &["w2"], hidden, &[dim], false)?,
+            hidden,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (candle_nn::ops::silu(&self.w1.forward(x)?)? * self.w3.forward(x)?)?;
-        Ok(self.w2.forward(&h)?)
+        let h = Dense::split(&self.w13.forward(x)?, &[self.hidden, self.hidden])?;
+        let h = (candle_nn::ops::silu(&h[0])? * &h[1])?;
+        self.w2.forward(&h)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod linear;
 pub mod prompt;
 pub mod rope;
 pub mod text_encoder;
