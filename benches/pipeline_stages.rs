@@ -94,6 +94,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
+    diffusiond::pipeline::device::init_cpu_runtime();
     let a = parse();
     if a.model.is_empty() {
         eprintln!("pipeline_stages: pass --model DIR (or set DIFFUSIOND_BENCH_MODEL); skipping");
