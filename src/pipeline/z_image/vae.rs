@@ -61,7 +61,13 @@ impl ResnetBlock {
             norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
             conv2: conv3(cout, cout, vb.pp("conv2"))?,
             shortcut: if cin != cout {
-                Some(conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
+                Some(conv2d(
+                    cin,
+                    cout,
+                    1,
+                    Default::default(),
+                    vb.pp("conv_shortcut"),
+                )?)
             } else {
                 None
             },
@@ -69,8 +75,12 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -182,8 +192,17 @@ impl VaeDecoder {
             },
             mid_resnet_1: ResnetBlock::new(top, top, g, mid.pp("resnets.1"))?,
             up_blocks,
-            norm_out: group_norm(g, cfg.block_out_channels[0], NORM_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv3(cfg.block_out_channels[0], cfg.out_channels, vb.pp("conv_out"))?,
+            norm_out: group_norm(
+                g,
+                cfg.block_out_channels[0],
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3(
+                cfg.block_out_channels[0],
+                cfg.out_channels,
+                vb.pp("conv_out"),
+            )?,
             cfg: cfg.clone(),
         })
     }
