@@ -180,6 +180,14 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
         .collect();
 
     // First transformer call, model batch [positives..., negatives...].
+    let caps: Vec<Tensor> = caps
+        .iter()
+        .map(|c| model.refine_caption(c).unwrap())
+        .collect();
+    let negs: Vec<Tensor> = negs
+        .iter()
+        .map(|c| model.refine_caption(c).unwrap())
+        .collect();
     let mut inputs: Vec<ItemInput> = (0..b)
         .map(|k| ItemInput {
             latent: items[k].latent(),

@@ -2,6 +2,8 @@
 //! and step counter, so items can join and leave a running batch at any step boundary. One call
 //! of [`step`] runs one transformer evaluation for every unfinished item it is given.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::Tensor;
 
 use super::error::{PipelineError, Result};
@@ -25,16 +27,43 @@ pub struct GenerateSpec {
     pub guidance: Guidance,
 }
 
-/// Encoded prompts of a spec, shared by all of its images.
+/// Encoded prompts of a spec, shared by all of its images: the text encoder's features and,
+/// made on first use and then shared by every image and step, the refined caption streams.
 #[derive(Clone)]
 pub struct Conditioning {
     caption: Tensor,
     negative: Option<Tensor>,
+    refined: Arc<OnceLock<Tensor>>,
+    refined_negative: Arc<OnceLock<Tensor>>,
 }
 
 impl Conditioning {
     pub fn new(caption: Tensor, negative: Option<Tensor>) -> Self {
-        Self { caption, negative }
+        Self {
+            caption,
+            negative,
+            refined: Arc::default(),
+            refined_negative: Arc::default(),
+        }
+    }
+
+    fn refined(model: &ZImage, cell: &OnceLock<Tensor>, feats: &Tensor) -> Result<Tensor> {
+        if let Some(t) = cell.get() {
+            return Ok(t.clone());
+        }
+        let t = model.refine_caption(feats)?;
+        Ok(cell.get_or_init(|| t).clone())
+    }
+
+    fn positive(&self, model: &ZImage) -> Result<Tensor> {
+        Self::refined(model, &self.refined, &self.caption)
+    }
+
+    fn negative(&self, model: &ZImage) -> Result<Option<Tensor>> {
+        self.negative
+            .as_ref()
+            .map(|n| Self::refined(model, &self.refined_negative, n))
+            .transpose()
     }
 }
 
@@ -117,26 +146,35 @@ pub fn step(model: &ZImage, items: &mut [&mut DenoiseItem]) -> Result<()> {
         times.push(t);
         scales.push(it.guidance.scale_at(t));
     }
+    let mut pos = Vec::with_capacity(active.len());
+    let mut neg = Vec::with_capacity(active.len());
+    for (k, &i) in active.iter().enumerate() {
+        pos.push(items[i].cond.positive(model)?);
+        neg.push(if scales[k] > 0.0 {
+            items[i].cond.negative(model)?
+        } else {
+            None
+        });
+    }
     let mut inputs: Vec<ItemInput> = active
         .iter()
         .zip(&times)
-        .map(|(&i, &t)| ItemInput {
+        .zip(&pos)
+        .map(|((&i, &t), caption)| ItemInput {
             latent: &items[i].latent,
-            caption: &items[i].cond.caption,
+            caption,
             t,
         })
         .collect();
     let mut neg_of = vec![None; active.len()];
     for (k, &i) in active.iter().enumerate() {
-        if scales[k] > 0.0 {
-            if let Some(neg) = &items[i].cond.negative {
-                neg_of[k] = Some(inputs.len());
-                inputs.push(ItemInput {
-                    latent: &items[i].latent,
-                    caption: neg,
-                    t: times[k],
-                });
-            }
+        if let Some(n) = &neg[k] {
+            neg_of[k] = Some(inputs.len());
+            inputs.push(ItemInput {
+                latent: &items[i].latent,
+                caption: n,
+                t: times[k],
+            });
         }
     }
     let outs = model.transformer_forward(&inputs)?;

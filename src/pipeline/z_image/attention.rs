@@ -9,7 +9,7 @@
 //!   attention over all pixels has S = 16384 at 1024x1024). Each block's softmax sees its whole
 //!   key row, so the result does not depend on the block size.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::pipeline::error::Result;
 
@@ -19,7 +19,20 @@ const SCORE_BUDGET: usize = 8 << 20;
 /// q: (B, H, S, D), k/v: (B, Hkv, S, D); `lens[i]` valid rows of item i (all S when `None`).
 /// Returns (B, S, H*D); rows past an item's length are zero.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
+    #[cfg(feature = "flash-attn")]
+    if let Some(out) = super::attention_cuda::attention(q, k, v, lens)? {
+        return Ok(out);
+    }
     let (b, h, s, d) = q.dims4()?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let op = super::attention_cpu::CpuAttention {
+            lens: lens.map_or_else(|| vec![s; b], <[usize]>::to_vec),
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        return Ok(q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?);
+    }
     let hkv = k.dim(1)?;
     let scale = 1.0 / (d as f64).sqrt();
     let mut outs = Vec::with_capacity(b);

@@ -1,6 +1,9 @@
 //! Z-Image (Turbo): Qwen3 text encoder, single-stream DiT, Flux VAE, flow-matching Euler.
 
 pub mod attention;
+pub mod attention_cpu;
+#[cfg(feature = "flash-attn")]
+pub mod attention_cuda;
 pub mod block;
 pub mod config;
 pub mod linear;
@@ -126,6 +129,11 @@ impl ZImage {
     /// Drop the text encoder's weights (prompts can no longer be encoded).
     pub fn offload_text_encoder(&mut self) {
         self.text_encoder = None;
+    }
+
+    /// The refined caption stream of one prompt's features (computed once, reused every step).
+    pub fn refine_caption(&self, caption: &Tensor) -> Result<Tensor> {
+        self.transformer.refine_caption(caption)
     }
 
     /// One transformer evaluation of a batch; raw outputs `(C, h, w)` f32 per item.

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
 use super::block::{per_item, Block, StreamCtx};
-use super::config::{pad_len, TransformerConfig, T_EMBED_HIDDEN, T_FREQ_DIM};
+use super::config::{pad_len, TransformerConfig, SEQ_MULTIPLE, T_EMBED_HIDDEN, T_FREQ_DIM};
 use super::rope::{caption_positions, image_positions, Rope};
 use crate::pipeline::error::{load_err, PipelineError, Result};
 
@@ -71,7 +71,8 @@ impl FinalLayer {
     }
 }
 
-/// One batch item's inputs: its latent `(C, h, w)` and its caption features `(L, cap_dim)`.
+/// One batch item's inputs: its latent `(C, h, w)`, its refined caption `(P, dim)` (from
+/// [`Transformer::refine_caption`]) and its time.
 pub struct ItemInput<'a> {
     pub latent: &'a Tensor,
     pub caption: &'a Tensor,
@@ -210,6 +211,29 @@ impl Transformer {
         Ok(Tensor::cat(&[x, &pad.contiguous()?], 0)?)
     }
 
+    /// The caption stream of one prompt: embed its features `(L, cap_dim)`, pad to a multiple
+    /// of 32 with the learned pad token, run the context refiner. It depends on nothing but the
+    /// prompt (the refiner has no timestep modulation), so it is computed once per prompt and
+    /// reused at every step. Returns `(P, dim)`.
+    pub fn refine_caption(&self, caption: &Tensor) -> Result<Tensor> {
+        let cap = caption.to_dtype(self.dtype)?;
+        let (l, width) = cap.dims2()?;
+        if width != self.cfg.cap_feat_dim {
+            return Err(PipelineError::InvalidInput(format!(
+                "caption features have width {width}, the transformer expects {}",
+                self.cfg.cap_feat_dim
+            )));
+        }
+        let p_len = pad_len(l);
+        let emb = self.cap_linear.forward(&self.cap_norm.forward(&cap)?)?;
+        let padded = Self::pad_with(&emb, p_len, &self.cap_pad_token)?;
+        let mut stream = self.stack(vec![padded], vec![caption_positions(p_len)])?;
+        for block in &self.context_refiner {
+            stream.x = block.forward(&stream.x, &stream.ctx, None)?;
+        }
+        Ok(stream.x.squeeze(0)?)
+    }
+
     /// Run the model on a batch. Returns one raw output `(C, h, w)` (f32) per item.
     pub fn forward(&self, items: &[ItemInput]) -> Result<Vec<Tensor>> {
         if items.is_empty() {
@@ -232,19 +256,13 @@ impl Transformer {
             let emb = self.x_embedder.forward(&patches)?;
             img_tokens.push(Self::pad_with(&emb, x_len, &self.x_pad_token)?);
 
-            let cap = item.caption.to_dtype(self.dtype)?;
-            let l = cap.dim(0)?;
-            if cap.dim(1)? != self.cfg.cap_feat_dim {
-                return Err(PipelineError::InvalidInput(format!(
-                    "caption features have width {}, the transformer expects {}",
-                    cap.dim(1)?,
-                    self.cfg.cap_feat_dim
-                )));
+            let p_len = item.caption.dim(0)?;
+            if p_len % SEQ_MULTIPLE != 0 || item.caption.dim(1)? != self.cfg.dim {
+                return Err(PipelineError::InvalidInput(
+                    "caption is not a refined caption of this transformer".into(),
+                ));
             }
-            let p_len = pad_len(l);
-            let emb = self.cap_linear.forward(&self.cap_norm.forward(&cap)?)?;
-            cap_tokens.push(Self::pad_with(&emb, p_len, &self.cap_pad_token)?);
-
+            cap_tokens.push(item.caption.clone());
             img_pos.push(image_positions(ht, wt, x_len, p_len));
             cap_pos.push(caption_positions(p_len));
             grids.push((ht, wt, x_len, p_len));
@@ -254,16 +272,11 @@ impl Transformer {
         for block in &self.noise_refiner {
             img.x = block.forward(&img.x, &img.ctx, Some(&adaln))?;
         }
-        let mut cap = self.stack(cap_tokens, cap_pos.clone())?;
-        for block in &self.context_refiner {
-            cap.x = block.forward(&cap.x, &cap.ctx, None)?;
-        }
-
         let mut unified = Vec::with_capacity(items.len());
         let mut uni_pos = Vec::with_capacity(items.len());
         for (i, &(_, _, x_len, p_len)) in grids.iter().enumerate() {
             let xi = img.x.get(i)?.narrow(0, 0, x_len)?;
-            let ci = cap.x.get(i)?.narrow(0, 0, p_len)?;
+            let ci = cap_tokens[i].narrow(0, 0, p_len)?;
             unified.push(Tensor::cat(&[&xi, &ci], 0)?);
             let mut pos = img_pos[i].clone();
             pos.extend_from_slice(&cap_pos[i]);
