@@ -108,6 +108,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queue_capacity: args.queue_capacity.max(1),
         max_batch_images: args.max_batch_images.max(1),
         warmup: true,
+        offload_text_encoder: args.device.offload_text_encoder,
     };
     tracing::info!(pipelines = ?config.pipelines, device = %config.device, "loading pipelines and warming up");
     let scheduler = tokio::task::spawn_blocking(move || scheduler::start(config)).await??;

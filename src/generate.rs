@@ -136,7 +136,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let source = weights_for(&args.model, &args.weights, known.weights)?;
     let seed = args.seed.unwrap_or_else(rand::random);
 
-    let model = pipeline::load_z_image(&source, &args.device.device, args.device.dtype.as_deref())
+    let opts = pipeline::RunOptions {
+        device: args.device.device.clone(),
+        dtype: args.device.dtype.clone(),
+        offload_text_encoder: args.device.offload_text_encoder,
+    };
+    let model = pipeline::load_z_image_with(&source, &opts)
         .with_context(|| format!("cannot load {} from {source}", args.model))?;
     let spec = GenerateSpec {
         prompt: args.prompt.clone(),

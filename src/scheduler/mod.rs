@@ -145,6 +145,8 @@ pub struct SchedulerConfig {
     pub max_batch_images: usize,
     /// Run one small generation per pipeline before reporting ready.
     pub warmup: bool,
+    /// Keep text encoders in host memory and run them on the CPU (saves device memory).
+    pub offload_text_encoder: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -156,6 +158,7 @@ impl Default for SchedulerConfig {
             queue_capacity: 64,
             max_batch_images: 8,
             warmup: true,
+            offload_text_encoder: false,
         }
     }
 }
@@ -249,7 +252,12 @@ fn load_all(config: &SchedulerConfig) -> Result<HashMap<String, pipeline::ZImage
     let mut out = HashMap::new();
     for p in &config.pipelines {
         let t = Instant::now();
-        let model = pipeline::load_z_image(&p.source, &config.device, config.dtype.as_deref())
+        let opts = pipeline::RunOptions {
+            device: config.device.clone(),
+            dtype: config.dtype.clone(),
+            offload_text_encoder: config.offload_text_encoder,
+        };
+        let model = pipeline::load_z_image_with(&p.source, &opts)
             .map_err(|e| format!("pipeline {}: {e}", p.name))?;
         tracing::info!(pipeline = %p.name, source = %p.source, seconds = t.elapsed().as_secs_f64(), "pipeline loaded");
         if config.warmup {

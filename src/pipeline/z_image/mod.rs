@@ -20,14 +20,14 @@ use self::prompt::PromptTokenizer;
 use self::text_encoder::TextEncoder;
 use self::transformer::{check_caption_width, ItemInput, Transformer};
 use self::vae::{VaeConfig, VaeDecoder};
-use super::error::{load_err, PipelineError, Result};
+use super::error::{load_err, Result};
 use super::load::ModelFiles;
 use super::sampler::SchedulerConfig;
 
 /// A loaded Z-Image pipeline on one device.
 pub struct ZImage {
     tokenizer: PromptTokenizer,
-    text_encoder: Option<TextEncoder>,
+    text_encoder: TextEncoder,
     transformer: Transformer,
     vae: VaeDecoder,
     scheduler: SchedulerConfig,
@@ -38,6 +38,18 @@ pub struct ZImage {
 impl ZImage {
     /// Load every component of a checkout in the published layout onto `device` in `dtype`.
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(files, device, dtype, false)
+    }
+
+    /// As [`Self::load`]; with `offload_text_encoder` the text encoder stays in host memory
+    /// (f32, run on the CPU) and only its small per-prompt output goes to the device, which
+    /// frees its ~8 GB (bf16) of device memory for the transformer and the VAE.
+    pub fn load_with(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        offload_text_encoder: bool,
+    ) -> Result<Self> {
         let index: serde_json::Value = files.json("model_index.json")?;
         let class = index
             .get("_class_name")
@@ -52,7 +64,12 @@ impl ZImage {
         let tokenizer = PromptTokenizer::from_file(&files.file("tokenizer/tokenizer.json")?)?;
 
         let te_cfg: text_encoder::Config = files.json("text_encoder/config.json")?;
-        let te_vb = files.var_builder("text_encoder", "model", dtype, device)?;
+        let (te_device, te_dtype) = if offload_text_encoder && !device.is_cpu() {
+            (Device::Cpu, DType::F32)
+        } else {
+            (device.clone(), dtype)
+        };
+        let te_vb = files.var_builder("text_encoder", "model", te_dtype, &te_device)?;
         let text_encoder = TextEncoder::new(&te_cfg, te_vb)?;
 
         let tr_cfg: TransformerConfig = files.json("transformer/config.json")?;
@@ -67,7 +84,7 @@ impl ZImage {
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         Ok(Self {
             tokenizer,
-            text_encoder: Some(text_encoder),
+            text_encoder,
             transformer,
             vae,
             scheduler,
@@ -104,31 +121,21 @@ impl ZImage {
         self.tokenizer.ids(prompt)
     }
 
-    fn text_encoder(&self) -> Result<&TextEncoder> {
-        self.text_encoder
-            .as_ref()
-            .ok_or_else(|| PipelineError::InvalidInput("the text encoder was offloaded".into()))
-    }
-
     /// Caption features `(L, cap_dim)` of token ids (`hidden_states[-2]`, unpadded).
     pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
-        self.text_encoder()?.encode(ids)
+        let feats = self.text_encoder.encode(ids)?;
+        Ok(feats.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Every hidden state of the text encoder up to the used one (for checks).
     pub fn text_hidden_states(&self, ids: &[u32]) -> Result<Vec<Tensor>> {
-        self.text_encoder()?.hidden_states(ids)
+        self.text_encoder.hidden_states(ids)
     }
 
     /// Caption features of a prompt.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
         let ids = self.tokenize(prompt)?;
         self.encode_ids(&ids)
-    }
-
-    /// Drop the text encoder's weights (prompts can no longer be encoded).
-    pub fn offload_text_encoder(&mut self) {
-        self.text_encoder = None;
     }
 
     /// The refined caption stream of one prompt's features (computed once, reused every step).
