@@ -114,8 +114,8 @@ impl Metrics {
         );
         gauge(
             &mut out,
-            "diffusiond_images_generated_total",
-            "Images generated.",
+            "diffusiond_device_images_total",
+            "Images decoded on the device (stored or not).",
             "counter",
             &self.images_generated,
         );
