@@ -3,24 +3,16 @@
 //! equal to within 1e-5). Runs on the tiny reference model (`$DIFFUSIOND_REFERENCE/tiny`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
 use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use diffusiond::pipeline::{Guidance, ModelFiles, WeightSource, ZImage};
+use diffusiond::pipeline::{Guidance, ZImage};
 use diffusiond::scheduler::{self, Job, PipelineConfig, SchedulerConfig};
 
-fn tiny_dir() -> PathBuf {
-    std::env::var("DIFFUSIOND_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
-        .join("tiny")
-}
-
 fn load() -> ZImage {
-    let files = ModelFiles::open(&WeightSource::Local(tiny_dir())).unwrap();
-    ZImage::load(&files, &Device::Cpu, DType::F32).unwrap()
+    common::load(common::tiny_dir())
 }
 
 /// Three requests of different prompt lengths (so different caption padding), seeds and steps.
@@ -39,19 +31,6 @@ fn specs() -> Vec<GenerateSpec> {
         mk("a lighthouse on a cliff above a stormy sea at night, dramatic clouds, oil painting, highly detailed brush strokes", 2, 6),
         mk("tea", 3, 4),
     ]
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run_all(model: &ZImage, items: &mut [DenoiseItem]) {
@@ -101,8 +80,8 @@ fn alone_together_and_joining_mid_loop_agree() {
     let alone_flat: Vec<&DenoiseItem> = alone.iter().flatten().collect();
     let mut worst = 0f32;
     for (k, a) in alone_flat.iter().enumerate() {
-        worst = worst.max(max_abs(a.latent(), together[k].latent()));
-        worst = worst.max(max_abs(a.latent(), running[k].latent()));
+        worst = worst.max(common::max_abs(a.latent(), together[k].latent()));
+        worst = worst.max(common::max_abs(a.latent(), running[k].latent()));
     }
     println!("max latent difference alone vs batched: {worst:e}");
     assert!(worst <= 1e-5, "latents differ by {worst}");
@@ -130,7 +109,7 @@ fn scheduler_batches_without_changing_images() {
     let cfg = SchedulerConfig {
         pipelines: vec![PipelineConfig {
             name: "z".into(),
-            source: tiny_dir().display().to_string(),
+            source: common::tiny_dir().display().to_string(),
         }],
         queue_capacity: 16,
         max_batch_images: 16,

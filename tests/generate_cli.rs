@@ -1,18 +1,12 @@
 //! `diffusiond generate` as a user runs it: the real binary, the tiny reference model.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
 use candle_core::{DType, Device};
 use diffusiond::pipeline::{GenerateSpec, Guidance, ModelFiles, WeightSource, ZImage};
-
-fn tiny_dir() -> PathBuf {
-    std::env::var("DIFFUSIOND_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
-        .join("tiny")
-}
 
 fn generate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_diffusiond"))
@@ -27,7 +21,7 @@ fn generate(args: &[&str]) -> std::process::Output {
 fn writes_the_library_images_for_the_seed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fox.png");
-    let weights = format!("z-image-turbo={}", tiny_dir().display());
+    let weights = format!("z-image-turbo={}", common::tiny_dir().display());
     let o = generate(&[
         "--prompt",
         "a red fox sitting in the snow",
@@ -45,7 +39,7 @@ fn writes_the_library_images_for_the_seed() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let files = ModelFiles::open(&WeightSource::Local(tiny_dir())).unwrap();
+    let files = ModelFiles::open(&WeightSource::Local(common::tiny_dir())).unwrap();
     let model = ZImage::load(&files, &Device::Cpu, DType::F32).unwrap();
     let want = model
         .generate(
@@ -101,7 +95,7 @@ fn bad_arguments_get_one_line_and_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
     let out = out.to_str().unwrap();
-    let weights = format!("z-image-turbo={}", tiny_dir().display());
+    let weights = format!("z-image-turbo={}", common::tiny_dir().display());
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![

@@ -5,20 +5,15 @@
 //! cache fails offline naming the file; an unreachable hub fails naming the file.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use diffusiond::pipeline;
-
-fn tiny_dir() -> PathBuf {
-    std::env::var("DIFFUSIOND_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
-        .join("tiny")
-}
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -79,7 +74,7 @@ fn serve(mut stream: TcpStream, root: &Path, hits: &AtomicUsize) {
 fn hub_download_cache_offline_and_errors() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let root = tiny_dir();
+    let root = common::tiny_dir();
     let hits = Arc::new(AtomicUsize::new(0));
     {
         let hits = hits.clone();

@@ -8,15 +8,17 @@
 //! and parameters. Tolerances follow section 10 of the reference README, with headroom.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use diffusiond::pipeline::denoise::{self, Conditioning, DenoiseItem};
 use diffusiond::pipeline::image::to_rgb8;
 use diffusiond::pipeline::sampler::{self, Guidance};
 use diffusiond::pipeline::z_image::transformer::ItemInput;
-use diffusiond::pipeline::{ModelFiles, WeightSource, ZImage};
+use diffusiond::pipeline::ZImage;
 use serde_json::Value;
 
 const TOL_EMBEDS: f32 = 2e-5;
@@ -26,20 +28,6 @@ const TOL_LATENTS: f32 = 2e-5;
 const TOL_VAE: f32 = 5e-5;
 /// At most this fraction of image bytes may differ, and only by one.
 const MAX_U8_MISMATCH: f64 = 0.001;
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 struct Case {
     name: String,
@@ -128,7 +116,8 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
                     "{name}: token ids of {p:?}"
                 );
                 let emb = model.encode_ids(&ids).unwrap();
-                embeds_err = embeds_err.max(max_abs(&emb, case.get(&format!("{emb_key}.{i}"))));
+                embeds_err =
+                    embeds_err.max(common::max_abs(&emb, case.get(&format!("{emb_key}.{i}"))));
                 emb
             })
             .collect::<Vec<_>>()
@@ -207,7 +196,7 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
     let outs = model.transformer_forward(&inputs).unwrap();
     drop(inputs);
     let step0 = Tensor::stack(&outs, 0).unwrap();
-    let step0_err = max_abs(&step0, case.get("transformer_out_step0"));
+    let step0_err = common::max_abs(&step0, case.get("transformer_out_step0"));
 
     // Every step, all items in one batch.
     let want_steps = case.get("latents_steps");
@@ -220,7 +209,7 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
             0,
         )
         .unwrap();
-        latents_err = latents_err.max(max_abs(&got, &want_steps.get(s).unwrap()));
+        latents_err = latents_err.max(common::max_abs(&got, &want_steps.get(s).unwrap()));
     }
     assert!(items.iter().all(|i| i.is_done()), "{name}: items not done");
 
@@ -231,7 +220,7 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
     )
     .unwrap();
     let vae_out = model.decode(&latents).unwrap();
-    let vae_err = max_abs(&vae_out, case.get("vae_out"));
+    let vae_err = common::max_abs(&vae_out, case.get("vae_out"));
     let images = to_rgb8(&vae_out).unwrap();
     let via_api = {
         let refs: Vec<&DenoiseItem> = items.iter().collect();
@@ -275,8 +264,7 @@ fn run_reference_dir(dir: &Path) {
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases/index.json")).unwrap())
             .unwrap();
-    let files = ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap();
-    let model = ZImage::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let model = common::load(dir.join("tiny"));
     let names: Vec<String> = index["cases"]
         .as_array()
         .unwrap()
@@ -333,10 +321,7 @@ fn crate_dir() -> PathBuf {
 
 #[test]
 fn public_reference_cases() {
-    let dir = std::env::var("DIFFUSIOND_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| crate_dir().join("../shared/reference"));
-    run_reference_dir(&dir);
+    run_reference_dir(&common::reference_dir());
 }
 
 #[test]
