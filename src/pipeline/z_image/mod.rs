@@ -10,6 +10,7 @@ pub mod linear;
 pub mod prompt;
 pub mod rope;
 pub mod text_encoder;
+pub mod tiling;
 pub mod transformer;
 pub mod vae;
 
@@ -148,8 +149,16 @@ impl ZImage {
         self.transformer.forward(items)
     }
 
-    /// Decode latents `(B, C, h, w)` (f32) to images in [-1, 1], `(B, 3, H, W)` f32.
+    /// Decode latents `(B, C, h, w)` (f32) to images in [-1, 1], `(B, 3, H, W)` f32. Above
+    /// 1024x1024 pixels the decode is tiled (see [`tiling`]) so that memory follows the tile.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode(latents, self.dtype)
+        let (_, _, h, w) = latents.dims4()?;
+        let t = tiling::Tiling::default();
+        if t.applies(h, w) {
+            let f = self.vae.config().spatial_factor();
+            tiling::decode_tiled(latents, t, f, |tile| self.vae.decode(tile, self.dtype))
+        } else {
+            self.vae.decode(latents, self.dtype)
+        }
     }
 }
