@@ -1,10 +1,15 @@
 //! The VAE decoder of `AutoencoderKL` (the Flux VAE): latents -> image in [-1, 1], NCHW.
+//!
+//! Convolutions and GroupNorms are the fast layers of [`crate::pipeline::kernels`] (candle's own
+//! ops off CPU f32); each resnet's GroupNorm + SiLU runs inside the convolution that follows it,
+//! the upsamplers' nearest 2x inside their convolution, and the residual add inside `conv2`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::pipeline::error::{load_err, Result};
+use crate::pipeline::kernels::{Conv2d, GroupNorm};
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -42,7 +47,16 @@ fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
         padding: 1,
         ..Default::default()
     };
-    Ok(conv2d(cin, cout, 3, cfg, vb)?)
+    Ok(Conv2d::new(conv2d(cin, cout, 3, cfg, vb)?)?)
+}
+
+fn conv1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    Ok(Conv2d::new(conv2d(cin, cout, 1, Default::default(), vb)?)?)
+}
+
+/// GroupNorm with eps 1e-6, followed by SiLU when `silu`.
+fn norm(groups: usize, ch: usize, silu: bool, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(GroupNorm::new(groups, ch, NORM_EPS, silu, vb)?)
 }
 
 struct ResnetBlock {
@@ -56,36 +70,30 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            norm1: norm(groups, cin, true, vb.pp("norm1"))?,
             conv1: conv3(cin, cout, vb.pp("conv1"))?,
-            norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            norm2: norm(groups, cout, true, vb.pp("norm2"))?,
             conv2: conv3(cout, cout, vb.pp("conv2"))?,
             shortcut: if cin != cout {
-                Some(conv2d(
-                    cin,
-                    cout,
-                    1,
-                    Default::default(),
-                    vb.pp("conv_shortcut"),
-                )?)
+                Some(conv1(cin, cout, vb.pp("conv_shortcut"))?)
             } else {
                 None
             },
         })
     }
 
+    /// `skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self
             .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+            .forward_fused(x, Some(&self.norm1), false, None)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        Ok((skip + h)?)
+        Ok(self
+            .conv2
+            .forward_fused(&h, Some(&self.norm2), false, Some(&skip))?)
     }
 }
 
@@ -101,7 +109,7 @@ struct AttnBlock {
 impl AttnBlock {
     fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: group_norm(groups, ch, NORM_EPS, vb.pp("group_norm"))?,
+            group_norm: norm(groups, ch, false, vb.pp("group_norm"))?,
             to_q: linear(ch, ch, vb.pp("to_q"))?,
             to_k: linear(ch, ch, vb.pp("to_k"))?,
             to_v: linear(ch, ch, vb.pp("to_v"))?,
@@ -192,12 +200,7 @@ impl VaeDecoder {
             },
             mid_resnet_1: ResnetBlock::new(top, top, g, mid.pp("resnets.1"))?,
             up_blocks,
-            norm_out: group_norm(
-                g,
-                cfg.block_out_channels[0],
-                NORM_EPS,
-                vb.pp("conv_norm_out"),
-            )?,
+            norm_out: norm(g, cfg.block_out_channels[0], true, vb.pp("conv_norm_out"))?,
             conv_out: conv3(
                 cfg.block_out_channels[0],
                 cfg.out_channels,
@@ -231,11 +234,12 @@ impl VaeDecoder {
                 x = r.forward(&x)?;
             }
             if let Some(conv) = &ub.upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?;
+                x = conv.forward_fused(&x, None, true, None)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
-        Ok(self.conv_out.forward(&x)?.to_dtype(DType::F32)?)
+        let x = self
+            .conv_out
+            .forward_fused(&x, Some(&self.norm_out), false, None)?;
+        Ok(x.to_dtype(DType::F32)?)
     }
 }

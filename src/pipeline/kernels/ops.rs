@@ -1,0 +1,249 @@
+//! The candle side of the fast kernels: weight preparation and the custom ops that run them on
+//! CPU f32 storage. Every entry point answers `None` when its inputs cannot take the fast path,
+//! and the caller then uses candle's own ops.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::group_norm::{self, GroupNormParams};
+use super::pointwise::Pointwise;
+use super::simd::simd;
+use super::winograd::Winograd3x3;
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        bail!("fast kernels: expected f32 storage")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("fast kernels: expected a contiguous tensor")
+    };
+    Ok(&v[start..end])
+}
+
+/// A convolution's weights, transformed and packed for the CPU kernels.
+#[derive(Debug)]
+pub(super) enum FastConv {
+    Winograd(Winograd3x3),
+    Pointwise(Pointwise),
+}
+
+impl FastConv {
+    /// `Some` for CPU f32 3x3/padding 1 and 1x1/padding 0 convolutions (stride 1, no dilation or
+    /// groups) on a CPU with AVX2 + FMA.
+    pub fn prepare(conv: &candle_nn::Conv2d) -> Result<Option<Self>> {
+        let (cfg, w) = (conv.config(), conv.weight());
+        let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+        let bias_ok = conv.bias().is_none_or(cpu_f32);
+        if !plain || !bias_ok || !cpu_f32(w) || simd().is_none() {
+            return Ok(None);
+        }
+        let (cout, cin, k, k2) = w.dims4()?;
+        if k != k2 || !matches!((k, cfg.padding), (3, 1) | (1, 0)) {
+            return Ok(None);
+        }
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let bias = conv.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Some(if k == 3 {
+            Self::Winograd(Winograd3x3::new(&wv, bias.as_deref(), cout, cin))
+        } else {
+            Self::Pointwise(Pointwise::new(&wv, bias.as_deref(), cout, cin))
+        }))
+    }
+
+    /// `residual + conv(upsample2x?(pre(x)))` if the inputs fit the fast path.
+    pub fn try_forward(
+        &self,
+        x: &Tensor,
+        pre: Option<&FastNorm>,
+        upsample: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let fits = match self {
+            Self::Winograd(_) => true,
+            Self::Pointwise(_) => pre.is_none() && !upsample && residual.is_none(),
+        };
+        if !fits || !cpu_f32(x) || !residual.is_none_or(cpu_f32) || x.rank() != 4 {
+            return Ok(None);
+        }
+        let op = FusedConv {
+            conv: self,
+            pre: pre.map(|n| &n.params),
+            upsample,
+        };
+        let x = x.contiguous()?;
+        Ok(Some(match residual {
+            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+            None => x.apply_op1_no_bwd(&op)?,
+        }))
+    }
+
+    fn channels(&self) -> (usize, usize) {
+        match self {
+            Self::Winograd(k) => (k.cin, k.cout),
+            Self::Pointwise(k) => (k.cin, k.cout),
+        }
+    }
+}
+
+struct FusedConv<'a> {
+    conv: &'a FastConv,
+    pre: Option<&'a GroupNormParams>,
+    upsample: bool,
+}
+
+impl FusedConv<'_> {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        res: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd() else {
+            bail!("fused conv: no AVX2/FMA")
+        };
+        let (b, c, h, w) = x.1.shape().dims4()?;
+        let xs = f32_slice(x.0, x.1)?;
+        let (cin, cout) = self.conv.channels();
+        if c != cin
+            || self
+                .pre
+                .is_some_and(|p| p.gamma.len() != cin || cin % p.groups != 0)
+        {
+            bail!("fused conv: input has {c} channels, the kernel expects {cin}")
+        }
+        let (ho, wo) = if self.upsample {
+            (2 * h, 2 * w)
+        } else {
+            (h, w)
+        };
+        let out_shape = Shape::from((b, cout, ho, wo));
+        let res = match res {
+            Some((st, l)) => {
+                if l.shape() != &out_shape {
+                    bail!(
+                        "fused conv: residual {:?} != output {out_shape:?}",
+                        l.shape()
+                    )
+                }
+                Some(f32_slice(st, l)?)
+            }
+            None => None,
+        };
+        let (item_in, item_out) = (cin * h * w, cout * ho * wo);
+        let mut out = vec![0f32; b * item_out];
+        for i in 0..b {
+            let xi = &xs[i * item_in..(i + 1) * item_in];
+            let oi = &mut out[i * item_out..(i + 1) * item_out];
+            let ri = res.map(|r| &r[i * item_out..(i + 1) * item_out]);
+            match self.conv {
+                FastConv::Winograd(k) => {
+                    let pre = self.pre.map(|p| group_norm::channel_affine(s, xi, cin, p));
+                    k.forward(s, xi, (h, w), self.upsample, pre.as_ref(), ri, oi);
+                }
+                FastConv::Pointwise(k) => k.forward(s, xi, h * w, oi),
+            }
+        }
+        Ok((CpuStorage::F32(out), out_shape))
+    }
+}
+
+impl CustomOp1 for FusedConv<'_> {
+    fn name(&self) -> &'static str {
+        "fused-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((storage, layout), None)
+    }
+}
+
+impl CustomOp2 for FusedConv<'_> {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some((s2, l2)))
+    }
+}
+
+/// GroupNorm parameters for the CPU kernels.
+#[derive(Debug, Clone)]
+pub(super) struct FastNorm {
+    params: GroupNormParams,
+}
+
+impl FastNorm {
+    /// `Some` for CPU f32 parameters on a CPU with AVX2 + FMA.
+    pub fn prepare(
+        weight: &Tensor,
+        bias: &Tensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Option<Self>> {
+        if !cpu_f32(weight) || !cpu_f32(bias) || simd().is_none() || groups == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            params: GroupNormParams {
+                groups,
+                eps,
+                gamma: weight.to_vec1()?,
+                beta: bias.to_vec1()?,
+                silu,
+            },
+        }))
+    }
+
+    /// The normalized (and SiLU'd) `x` if it fits the fast path.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !cpu_f32(x) || x.rank() < 3 || x.dim(1)? != self.params.gamma.len() {
+            return Ok(None);
+        }
+        Ok(Some(
+            x.contiguous()?
+                .apply_op1_no_bwd(&GroupNormOp(&self.params))?,
+        ))
+    }
+}
+
+struct GroupNormOp<'a>(&'a GroupNormParams);
+
+impl CustomOp1 for GroupNormOp<'_> {
+    fn name(&self) -> &'static str {
+        "fused-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd() else {
+            bail!("group norm: no AVX2/FMA")
+        };
+        let x = f32_slice(storage, layout)?;
+        let dims = layout.shape().dims();
+        let (b, c) = (dims[0], dims[1]);
+        if c % self.0.groups != 0 {
+            bail!(
+                "group norm: {c} channels not divisible into {} groups",
+                self.0.groups
+            )
+        }
+        let hw: usize = dims[2..].iter().product();
+        let item = c * hw;
+        let mut out = vec![0f32; x.len()];
+        for i in 0..b {
+            let xi = &x[i * item..(i + 1) * item];
+            let a = group_norm::channel_affine(s, xi, c, self.0);
+            group_norm::apply(s, xi, &mut out[i * item..(i + 1) * item], hw, &a);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
