@@ -47,7 +47,11 @@ pub fn load_z_image(source: &str, device: &str, dtype: Option<&str>) -> Result<Z
 /// As [`load_z_image`], with every run option.
 pub fn load_z_image_with(source: &str, opts: &RunOptions) -> Result<ZImage> {
     let source: WeightSource = source.parse()?;
-    let dev = if opts.device.is_empty() { "cpu" } else { &opts.device };
+    let dev = if opts.device.is_empty() {
+        "cpu"
+    } else {
+        &opts.device
+    };
     let device = device::parse_device(dev)?;
     let dtype = device::parse_dtype(opts.dtype.as_deref(), &device)?;
     let files = ModelFiles::open(&source)?;
