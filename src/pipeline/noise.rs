@@ -67,9 +67,7 @@ mod tests {
     #[test]
     fn known_values_do_not_drift() {
         // Pin the generator: a change here changes every user's images for a given seed.
-        let v = normal_f32(0, 4);
-        let again = normal_f32(0, 4);
-        assert_eq!(v, again);
-        assert!(v.iter().all(|x| x.is_finite()));
+        let bits: Vec<u32> = normal_f32(0, 4).iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits, [1076712481, 3197982490, 1046218172, 1057026271]);
     }
 }
