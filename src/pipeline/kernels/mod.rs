@@ -93,6 +93,32 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `residual + conv(pre(x))` like [`Conv2d::forward_fused`], computed in `residual`'s own
+    /// storage when the fast path runs: the caller gives the residual up (it, and any clone of
+    /// it, then holds the result), and the output needs no allocation of its own.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        pre: Option<&GroupNorm>,
+        residual: Tensor,
+    ) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(conv) = &self.fast {
+            let pre_fast = match pre {
+                Some(n) => n.fast.as_ref().map(Some),
+                None => Some(None),
+            };
+            if let Some(pre_fast) = pre_fast {
+                if conv.try_forward_into(x, pre_fast, &residual)? {
+                    return Ok(residual);
+                }
+            }
+        }
+        self.forward_fused(x, pre, false, Some(&residual))
+    }
+}
+
 /// GroupNorm over `(B, C, ...)` tensors, optionally followed by SiLU, with a fast CPU f32 path.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -223,6 +249,11 @@ mod tests {
             let want = (&res + c3.forward(&want_n).unwrap()).unwrap();
             let e = max_rel_err(&got, &want);
             assert!(e <= 1e-5, "fused norm conv residual: {e}");
+            // The same in the residual's storage.
+            let acc = res.copy().unwrap();
+            let got = fast3.forward_residual(&x, Some(&norm), acc).unwrap();
+            let e = max_rel_err(&got, &want);
+            assert!(e <= 1e-5, "fused norm conv residual in place: {e}");
             let got = fast3.forward_fused(&x, None, true, None).unwrap();
             let want = c3
                 .forward(&x.upsample_nearest2d(2 * h, 2 * w).unwrap())

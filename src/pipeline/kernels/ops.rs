@@ -2,12 +2,14 @@
 //! CPU f32 storage. Every entry point answers `None` when its inputs cannot take the fast path,
 //! and the caller then uses candle's own ops.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor,
+};
 
 use super::group_norm::{self, GroupNormParams};
 use super::pointwise::Pointwise;
 use super::simd::simd;
-use super::winograd::Winograd3x3;
+use super::winograd::{Residual, Winograd3x3};
 
 fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -80,6 +82,30 @@ impl FastConv {
         }))
     }
 
+    /// `residual += conv(pre(x))` in `residual`'s own storage, if the inputs fit the fast path
+    /// (3x3 kernel, CPU f32, contiguous residual of the output's shape). Returns whether it ran.
+    pub fn try_forward_into(
+        &self,
+        x: &Tensor,
+        pre: Option<&FastNorm>,
+        residual: &Tensor,
+    ) -> Result<bool> {
+        let Self::Winograd(k) = self else {
+            return Ok(false);
+        };
+        let fits = cpu_f32(x) && cpu_f32(residual) && residual.is_contiguous() && x.rank() == 4;
+        if !fits || residual.dims() != [x.dim(0)?, k.cout, x.dim(2)?, x.dim(3)?] {
+            return Ok(false);
+        }
+        let op = FusedConv {
+            conv: self,
+            pre: pre.map(|n| &n.params),
+            upsample: false,
+        };
+        residual.inplace_op2(&x.contiguous()?, &op)?;
+        Ok(true)
+    }
+
     fn channels(&self) -> (usize, usize) {
         match self {
             Self::Winograd(k) => (k.cin, k.cout),
@@ -95,16 +121,9 @@ struct FusedConv<'a> {
 }
 
 impl FusedConv<'_> {
-    fn run(
-        &self,
-        x: (&CpuStorage, &Layout),
-        res: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd() else {
-            bail!("fused conv: no AVX2/FMA")
-        };
-        let (b, c, h, w) = x.1.shape().dims4()?;
-        let xs = f32_slice(x.0, x.1)?;
+    /// Output shape for input `x`, after checking the channels.
+    fn out_shape(&self, x: &Layout) -> Result<Shape> {
+        let (b, c, h, w) = x.shape().dims4()?;
         let (cin, cout) = self.conv.channels();
         if c != cin
             || self
@@ -118,25 +137,23 @@ impl FusedConv<'_> {
         } else {
             (h, w)
         };
-        let out_shape = Shape::from((b, cout, ho, wo));
-        let res = match res {
-            Some((st, l)) => {
-                if l.shape() != &out_shape {
-                    bail!(
-                        "fused conv: residual {:?} != output {out_shape:?}",
-                        l.shape()
-                    )
-                }
-                Some(f32_slice(st, l)?)
-            }
-            None => None,
+        Ok(Shape::from((b, cout, ho, wo)))
+    }
+
+    /// Convolve every item of `x` into `out` (the output's shape), adding `res`.
+    fn run(&self, x: (&CpuStorage, &Layout), out: &mut [f32], res: Residual<'_>) -> Result<()> {
+        let Some(s) = simd() else {
+            bail!("fused conv: no AVX2/FMA")
         };
-        let (item_in, item_out) = (cin * h * w, cout * ho * wo);
-        let mut out = vec![0f32; b * item_out];
-        for i in 0..b {
+        let (b, cin, h, w) = x.1.shape().dims4()?;
+        let xs = f32_slice(x.0, x.1)?;
+        let (item_in, item_out) = (cin * h * w, out.len() / b.max(1));
+        for (i, oi) in out.chunks_exact_mut(item_out.max(1)).enumerate().take(b) {
             let xi = &xs[i * item_in..(i + 1) * item_in];
-            let oi = &mut out[i * item_out..(i + 1) * item_out];
-            let ri = res.map(|r| &r[i * item_out..(i + 1) * item_out]);
+            let ri = match res {
+                Residual::Add(r) => Residual::Add(&r[i * item_out..(i + 1) * item_out]),
+                other => other,
+            };
             match self.conv {
                 FastConv::Winograd(k) => {
                     let pre = self.pre.map(|p| group_norm::channel_affine(s, xi, cin, p));
@@ -145,7 +162,7 @@ impl FusedConv<'_> {
                 FastConv::Pointwise(k) => k.forward(s, xi, h * w, oi),
             }
         }
-        Ok((CpuStorage::F32(out), out_shape))
+        Ok(())
     }
 }
 
@@ -155,7 +172,10 @@ impl CustomOp1 for FusedConv<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((storage, layout), None)
+        let shape = self.out_shape(layout)?;
+        let mut out = vec![0f32; shape.elem_count()];
+        self.run((storage, layout), &mut out, Residual::None)?;
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -171,7 +191,40 @@ impl CustomOp2 for FusedConv<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), Some((s2, l2)))
+        let shape = self.out_shape(l1)?;
+        if l2.shape() != &shape {
+            bail!("fused conv: residual {:?} != output {shape:?}", l2.shape())
+        }
+        let mut out = vec![0f32; shape.elem_count()];
+        self.run((s1, l1), &mut out, Residual::Add(f32_slice(s2, l2)?))?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// `dst += conv(pre(src))`: the residual add done in the residual's storage.
+impl InplaceOp2 for FusedConv<'_> {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-into-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> Result<()> {
+        let shape = self.out_shape(src_l)?;
+        let (CpuStorage::F32(v), Some((start, end))) = (dst, dst_l.contiguous_offsets()) else {
+            bail!("fused conv: the residual must be contiguous f32")
+        };
+        if dst_l.shape() != &shape {
+            bail!(
+                "fused conv: residual {:?} != output {shape:?}",
+                dst_l.shape()
+            )
+        }
+        self.run((src, src_l), &mut v[start..end], Residual::InPlace)
     }
 }
 

@@ -4,7 +4,7 @@
 use pulp::x86::V3;
 use rayon::prelude::*;
 
-use super::simd::{microkernel_dyn, pack_rows, run, MR, NR};
+use super::simd::{microkernel_dyn, pack_rows, run, with_scratch, MR, NR};
 
 /// Pixels per parallel task.
 const CHUNK: usize = 16 * NR;
@@ -41,16 +41,18 @@ impl Pointwise {
             }
         }
         let cin = self.cin;
-        per_task.into_par_iter().enumerate().for_each_init(
-            || vec![0f32; CHUNK * cin],
-            |panel, (t, mut segs)| {
-                run(
-                    s,
-                    #[inline(always)]
-                    || self.chunk(s, x, hw, t * CHUNK, panel, &mut segs),
-                );
-            },
-        );
+        per_task
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, mut segs)| {
+                with_scratch(CHUNK * cin, |panel| {
+                    run(
+                        s,
+                        #[inline(always)]
+                        || self.chunk(s, x, hw, t * CHUNK, panel, &mut segs),
+                    )
+                })
+            });
     }
 
     #[inline(always)]

@@ -4,6 +4,8 @@
 //! Everything here takes a [`V3`] token, which only exists on CPUs with AVX2 + FMA; callers
 //! fall back to candle's own ops when [`simd`] returns `None`.
 
+use std::cell::RefCell;
+
 use pulp::{f32x8, x86::V3, NullaryFnOnce, Simd};
 
 /// Lanes in one vector.
@@ -16,6 +18,25 @@ pub(crate) const MR: usize = 6;
 /// The AVX2 + FMA token when this CPU has it.
 pub(crate) fn simd() -> Option<V3> {
     V3::try_new()
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on `len` floats of this thread's scratch buffer (contents unspecified), which is kept
+/// between calls: the kernels' per-task buffers are large, and fresh ones cost page faults.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Only if a kernel task ever nested another on this thread.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Run `f` with AVX2/FMA enabled for everything inlined into it: `run(s, #[inline(always)] || ...)`.

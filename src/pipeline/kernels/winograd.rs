@@ -6,32 +6,49 @@
 //! The transforms only add and subtract (the weight transform's halves are exact and done once
 //! at load time in f64), so the rounding error stays at the level of a direct convolution.
 //!
-//! Data flow for one batch item:
-//! 1. *stage*: every input channel is zero-padded into a buffer whose rows are split into even
-//!    and odd columns, so that the 4 columns of 8 neighbouring tiles are 4 contiguous loads.
-//!    A GroupNorm(+SiLU) given as a per-channel affine map and a nearest 2x upsample are
-//!    applied while staging, so neither exists as a tensor.
-//! 2. per row of tiles (the parallel task; results do not depend on how tasks are split):
-//!    input transform into a packed panel, 16 micro-kernel GEMMs, output transform with bias
-//!    (and an optional residual) straight into the NCHW output.
+//! Data flow for one batch item, parallel over bands of tile rows (results do not depend on how
+//! the work is split):
+//! 1. *stage* each input row a tile row needs, once per band, into a small ring: zero padding,
+//!    rows split into even and odd columns so the 4 columns of 8 neighbouring tiles are 4
+//!    contiguous loads, and a GroupNorm(+SiLU) given as a per-channel affine map applied on the
+//!    way, so it never exists as a tensor.
+//! 2. per tile row: input transform into a packed panel, 16 micro-kernel GEMMs, output transform
+//!    with bias (and an optional residual) straight into the NCHW output.
+//!
+//! A nearest 2x upsample of the input is folded in too: the source rows are staged as they are,
+//! and since rows 1 and 2 (and columns 1 and 2) of every 4x4 patch of an upsampled image are
+//! equal, 7 of the 16 transform points are exactly zero and skipped.
 
 use std::arch::x86_64::__m256;
-use std::sync::Mutex;
 
 use pulp::{f32x8, x86::V3, Simd};
 use rayon::prelude::*;
 
 use super::group_norm::ChannelAffine;
-use super::simd::{affine_act, load, microkernel_dyn, pack_rows, run, store, LANES, MR, NR};
+use super::simd::{
+    affine_act, load, microkernel_dyn, pack_rows, run, store, with_scratch, LANES, MR, NR,
+};
 
 /// Transform points per tile.
 const XI: usize = 16;
 /// Bytes of per-task scratch (transformed input and GEMM output) to stay within L2.
 const SCRATCH_BYTES: usize = 512 * 1024;
 
-/// The staging buffer, kept between calls: it is large (a padded copy of the input) and a fresh
-/// allocation costs a page fault per 4 KiB. A concurrent call uses a buffer of its own.
-static STAGING: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+/// Parallel tasks per item: bands of consecutive tile rows, each staging its input rows into a
+/// small ring as it goes (a staged row is shared by two consecutive tile rows).
+const BANDS: usize = 8;
+/// Staged rows kept per task: the 4 (3 when upsampling) a tile row reads.
+const RING: usize = 4;
+
+/// What to add to the convolution's output.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Residual<'a> {
+    None,
+    /// A tensor shaped like the output.
+    Add(&'a [f32]),
+    /// The output buffer already holds the residual: accumulate into it.
+    InPlace,
+}
 
 /// Weights transformed and packed once at load time.
 #[derive(Debug)]
@@ -85,7 +102,7 @@ impl Winograd3x3 {
 
     /// Convolve one item `x` `(cin, h, w)` into `out` `(cout, hu, wu)` where `(hu, wu)` is
     /// `(h, w)`, or `(2h, 2w)` with `upsample`. `pre` is applied to the input first;
-    /// `residual` (shaped like `out`) is added last.
+    /// `residual` is added last.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -94,29 +111,25 @@ impl Winograd3x3 {
         (h, w): (usize, usize),
         upsample: bool,
         pre: Option<&ChannelAffine>,
-        residual: Option<&[f32]>,
+        residual: Residual<'_>,
         out: &mut [f32],
     ) {
         if h == 0 || w == 0 {
             return;
         }
         let g = Geom::new(h, w, upsample, self.cin);
-        let need = g.rows * g.rowlen;
-        let mut pooled = STAGING.try_lock().ok();
-        let mut own = Vec::new();
-        let buf = pooled.as_deref_mut().unwrap_or(&mut own);
-        if buf.len() < need {
-            buf.resize(need, 0.0);
-        }
-        let staged = &mut buf[..need];
-        stage(s, x, self.cin, (h, w), pre, &g, staged);
-
         let tc = tiles_per_chunk(self.cin, self.cout, g.twr);
-        let plane_out = g.hu * g.wu;
-        let mut per_task: Vec<Vec<&mut [f32]>> = (0..g.th).map(|_| Vec::new()).collect();
-        for plane in out.chunks_mut(plane_out.max(1)) {
+        // Output rows 2 ty, 2 ty + 1 of every channel, grouped into bands of tile rows.
+        let per_band = g.th.div_ceil(BANDS).max(1);
+        let mut bands: Vec<Vec<Vec<&mut [f32]>>> = (0..g.th.div_ceil(per_band))
+            .map(|_| (0..per_band).map(|_| Vec::new()).collect())
+            .collect();
+        for plane in out.chunks_mut(g.hu * g.wu) {
             for (ty, seg) in plane.chunks_mut(2 * g.wu).enumerate() {
-                if let Some(t) = per_task.get_mut(ty) {
+                if let Some(t) = bands
+                    .get_mut(ty / per_band)
+                    .and_then(|b| b.get_mut(ty % per_band))
+                {
                     t.push(seg);
                 }
             }
@@ -124,28 +137,50 @@ impl Winograd3x3 {
         let ctx = Ctx {
             s,
             wg: self,
-            staged,
+            x,
+            hw: (h, w),
+            pre,
             g: &g,
             tc,
             residual,
         };
-        per_task.into_par_iter().enumerate().for_each_init(
-            || Scratch {
-                v: vec![0f32; XI * v_stride(self.cin, tc)],
-                m: vec![0f32; self.cout * XI * m_stride(tc)],
-            },
-            |scratch, (ty, mut segs)| {
-                run(
-                    s,
-                    #[inline(always)]
-                    || ctx.tile_row(ty, &mut segs, scratch),
-                );
-            },
-        );
+        let lens = [
+            RING * g.rowlen,
+            w,
+            XI * v_stride(self.cin, tc),
+            self.cout * XI * m_stride(tc),
+        ];
+        bands
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(band, mut rows)| {
+                with_scratch(lens.iter().sum(), |buf| {
+                    let (ring, rest) = buf.split_at_mut(lens[0]);
+                    let (tmp, rest) = rest.split_at_mut(lens[1]);
+                    let (v, m) = rest.split_at_mut(lens[2]);
+                    let mut scratch = Scratch {
+                        ring,
+                        ring_rows: [usize::MAX; RING],
+                        tmp,
+                        v,
+                        m,
+                    };
+                    for (i, segs) in rows.iter_mut().enumerate() {
+                        let ty = band * per_band + i;
+                        if ty < g.th {
+                            run(
+                                s,
+                                #[inline(always)]
+                                || ctx.tile_row(ty, segs, &mut scratch),
+                            );
+                        }
+                    }
+                })
+            });
     }
 }
 
-/// Shapes of the staged buffer.
+/// Shapes of the tiling and of a staged row.
 struct Geom {
     up: bool,
     hu: usize,
@@ -155,12 +190,10 @@ struct Geom {
     twr: usize,
     /// Without upsampling, a channel's staged row is split in an even and an odd half of
     /// `region` floats each; with upsampling it is the padded source row. `row` is a channel's
-    /// staged row, `rowlen` a staged row of all channels (staged rows are outermost), `rows`
-    /// the number of staged rows.
+    /// staged row, `rowlen` a staged row of all channels.
     region: usize,
     row: usize,
     rowlen: usize,
-    rows: usize,
 }
 
 impl Geom {
@@ -169,11 +202,7 @@ impl Geom {
         let th = hu.div_ceil(2);
         let twr = wu.div_ceil(2).div_ceil(NR) * NR;
         let region = twr + LANES;
-        let (row, rows) = if up {
-            (region, h + 2)
-        } else {
-            (2 * region, 2 * th + 2)
-        };
+        let row = if up { region } else { 2 * region };
         Self {
             up,
             hu,
@@ -183,7 +212,6 @@ impl Geom {
             region,
             row,
             rowlen: cin * row,
-            rows,
         }
     }
 
@@ -212,8 +240,8 @@ fn tiles_per_chunk(cin: usize, cout: usize, twr: usize) -> usize {
     (fit / NR).max(1).saturating_mul(NR).min(twr.max(NR))
 }
 
-/// Zero-pad (and pre-process) the input into the staged layout `[row][ci][..]`, parallel over
-/// staged rows. Staged row `r` holds input row `r - 1`; everything outside the input is zero.
+/// Zero-pad (and pre-process) input row `r - 1` into staged row `dst` (all channels):
+/// everything outside the input is zero.
 ///
 /// Without upsampling, a channel's row is split into an even half holding padded columns
 /// 0, 2, 4, ... (input columns -1, 1, 3, ...) and an odd half holding padded columns 1, 3, 5, ...
@@ -221,109 +249,112 @@ fn tiles_per_chunk(cin: usize, cout: usize, twr: usize) -> usize {
 /// With upsampling the source is staged as it is (padded column `c` = source column `c - 1`):
 /// the 4x4 patch of upsampled tile `(ty, tx)` is built from source rows and columns
 /// `t - 1, t, t, t + 1`.
-#[allow(clippy::too_many_arguments)]
-fn stage(
-    s: V3,
-    x: &[f32],
-    cin: usize,
-    (h, w): (usize, usize),
-    pre: Option<&ChannelAffine>,
-    g: &Geom,
-    staged: &mut [f32],
-) {
+#[inline(always)]
+fn stage_row(ctx: &Ctx<'_>, r: usize, dst: &mut [f32], tmp: &mut [f32]) {
+    let (s, g, (h, w)) = (ctx.s, ctx.g, ctx.hw);
     let src_rows = if g.up { h } else { g.hu };
-    staged.par_chunks_mut(g.rowlen).enumerate().for_each_init(
-        || vec![0f32; w],
-        |tmp, (r, dst)| {
-            if r == 0 || r > src_rows {
-                dst.fill(0.0);
-                return;
+    if r == 0 || r > src_rows {
+        dst.fill(0.0);
+        return;
+    }
+    let sy = r - 1;
+    for (ci, row) in dst.chunks_exact_mut(g.row).enumerate() {
+        let src = &ctx.x[(ci * h + sy) * w..(ci * h + sy + 1) * w];
+        let vals: &[f32] = match ctx.pre {
+            Some(a) => {
+                affine_act(s, src, tmp, a.scale[ci], a.shift[ci], a.silu);
+                tmp
             }
-            let sy = r - 1;
-            for ci in 0..cin {
-                let src = &x[(ci * h + sy) * w..(ci * h + sy + 1) * w];
-                let vals: &[f32] = match pre {
-                    Some(a) => {
-                        run(
-                            s,
-                            #[inline(always)]
-                            || affine_act(s, src, tmp, a.scale[ci], a.shift[ci], a.silu),
-                        );
-                        tmp
-                    }
-                    None => src,
-                };
-                let row = &mut dst[ci * g.row..(ci + 1) * g.row];
-                if g.up {
-                    row[0] = 0.0;
-                    row[1..=w].copy_from_slice(vals);
-                    row[w + 1..].fill(0.0);
-                } else {
-                    let (even, odd) = row.split_at_mut(g.region);
-                    let (ne, no) = (w / 2, w.div_ceil(2));
-                    even[0] = 0.0;
-                    for (e, v) in even[1..=ne].iter_mut().zip(vals.iter().skip(1).step_by(2)) {
-                        *e = *v;
-                    }
-                    even[ne + 1..].fill(0.0);
-                    for (o, v) in odd[..no].iter_mut().zip(vals.iter().step_by(2)) {
-                        *o = *v;
-                    }
-                    odd[no..].fill(0.0);
-                }
+            None => src,
+        };
+        if g.up {
+            row[0] = 0.0;
+            row[1..=w].copy_from_slice(vals);
+            row[w + 1..].fill(0.0);
+        } else {
+            let (even, odd) = row.split_at_mut(g.region);
+            let (ne, no) = (w / 2, w.div_ceil(2));
+            even[0] = 0.0;
+            for (e, v) in even[1..=ne].iter_mut().zip(vals.iter().skip(1).step_by(2)) {
+                *e = *v;
             }
-        },
-    );
+            even[ne + 1..].fill(0.0);
+            for (o, v) in odd[..no].iter_mut().zip(vals.iter().step_by(2)) {
+                *o = *v;
+            }
+            odd[no..].fill(0.0);
+        }
+    }
 }
 
-struct Scratch {
-    v: Vec<f32>,
-    m: Vec<f32>,
+struct Scratch<'a> {
+    /// Staged rows, slot `r % RING` holding staged row `ring_rows[slot]`.
+    ring: &'a mut [f32],
+    ring_rows: [usize; RING],
+    /// One pre-processed input row.
+    tmp: &'a mut [f32],
+    v: &'a mut [f32],
+    m: &'a mut [f32],
 }
 
 struct Ctx<'a> {
     s: V3,
     wg: &'a Winograd3x3,
-    staged: &'a [f32],
+    x: &'a [f32],
+    hw: (usize, usize),
+    pre: Option<&'a ChannelAffine>,
     g: &'a Geom,
     tc: usize,
-    residual: Option<&'a [f32]>,
+    residual: Residual<'a>,
 }
 
 impl Ctx<'_> {
     /// Output rows `2 ty` and `2 ty + 1` of every output channel (`segs[co]`).
     #[inline(always)]
-    fn tile_row(&self, ty: usize, segs: &mut [&mut [f32]], sc: &mut Scratch) {
+    fn tile_row(&self, ty: usize, segs: &mut [&mut [f32]], sc: &mut Scratch<'_>) {
         let g = self.g;
+        // Staged rows 2 ty .. 2 ty + 4 (ty .. ty + 3 when upsampling), staged once per task.
+        let (first, count) = if g.up { (ty, 3) } else { (2 * ty, 4) };
+        for r in first..first + count {
+            let slot = r % RING;
+            if sc.ring_rows[slot] != r {
+                let dst = &mut sc.ring[slot * g.rowlen..(slot + 1) * g.rowlen];
+                stage_row(self, r, dst, sc.tmp);
+                sc.ring_rows[slot] = r;
+            }
+        }
+        let mut rows: [&[f32]; RING] = [&[]; RING];
+        for (i, row) in rows.iter_mut().take(count).enumerate() {
+            let slot = (first + i) % RING;
+            *row = &sc.ring[slot * g.rowlen..(slot + 1) * g.rowlen];
+        }
         let mut tc0 = 0;
         while tc0 < g.twr {
             let nt = self.tc.min(g.twr - tc0);
             if g.up {
-                self.input_transform_up(ty, tc0, nt, &mut sc.v);
+                self.input_transform_up(&rows, tc0, nt, sc.v);
             } else {
-                self.input_transform(ty, tc0, nt, &mut sc.v);
+                self.input_transform(&rows, tc0, nt, sc.v);
             }
-            self.gemm(nt, &sc.v, &mut sc.m);
-            self.output_transform(ty, tc0, nt, &sc.m, segs);
+            self.gemm(nt, sc.v, sc.m);
+            self.output_transform(ty, tc0, nt, sc.m, segs);
             tc0 += nt;
         }
     }
 
     /// `V[xi][panel][ci][16]` for tiles `tc0 .. tc0 + nt` of tile row `ty`.
     #[inline(always)]
-    fn input_transform(&self, ty: usize, tc0: usize, nt: usize, v: &mut [f32]) {
+    fn input_transform(&self, rows: &[&[f32]; RING], tc0: usize, nt: usize, v: &mut [f32]) {
         let (s, g, cin) = (self.s, self.g, self.wg.cin);
         let mut parts = v.chunks_exact_mut(v_stride(cin, nt));
         // One slice per transform point; tile block `blk` of channel `ci` goes to the same
         // offset in each.
         let mut vx: [&mut [f32]; XI] = std::array::from_fn(|_| parts.next().unwrap_or_default());
-        let rows = &self.staged[2 * ty * g.rowlen..(2 * ty + 4) * g.rowlen];
         let z = s.splat_f32x8(0.0);
         for ci in 0..cin {
             let mut halves: [(&[f32], &[f32]); 4] = [(&[], &[]); 4];
-            for (r, h) in halves.iter_mut().enumerate() {
-                let o = r * g.rowlen + ci * g.row;
-                *h = rows[o..o + g.row].split_at(g.region);
+            for (h, row) in halves.iter_mut().zip(rows) {
+                *h = row[ci * g.row..(ci + 1) * g.row].split_at(g.region);
             }
             for blk in 0..nt / LANES {
                 let tx0 = tc0 + blk * LANES;
@@ -362,18 +393,16 @@ impl Ctx<'_> {
     /// columns are `a, b, b, c`, and the general formulas reduce exactly (the doubled value is
     /// the same `b + b` sum) to the ones below.
     #[inline(always)]
-    fn input_transform_up(&self, ty: usize, tc0: usize, nt: usize, v: &mut [f32]) {
+    fn input_transform_up(&self, rows: &[&[f32]; RING], tc0: usize, nt: usize, v: &mut [f32]) {
         let (s, g, cin) = (self.s, self.g, self.wg.cin);
         let mut parts = v.chunks_exact_mut(v_stride(cin, nt));
         let vx: [&mut [f32]; XI] = std::array::from_fn(|_| parts.next().unwrap_or_default());
-        // Staged rows ty, ty + 1, ty + 2 hold source rows ty - 1, ty, ty + 1.
-        let rows = &self.staged[ty * g.rowlen..(ty + 3) * g.rowlen];
+        // rows: staged rows ty, ty + 1, ty + 2 = source rows ty - 1, ty, ty + 1.
         let z = s.splat_f32x8(0.0);
         for ci in 0..cin {
             let mut src: [&[f32]; 3] = [&[]; 3];
-            for (r, sr) in src.iter_mut().enumerate() {
-                let o = r * g.rowlen + ci * g.row;
-                *sr = &rows[o..o + g.row];
+            for (sr, row) in src.iter_mut().zip(rows) {
+                *sr = &row[ci * g.row..(ci + 1) * g.row];
             }
             for blk in 0..nt / LANES {
                 let tx0 = tc0 + blk * LANES;
@@ -469,7 +498,11 @@ impl Ctx<'_> {
                         break;
                     }
                     let d0 = r * g.wu + x0;
-                    let res = self.residual.map(|res| &res[(co * g.hu + y) * g.wu + x0..]);
+                    let res = match self.residual {
+                        Residual::None => None,
+                        Residual::Add(res) => Some(&res[(co * g.hu + y) * g.wu + x0..]),
+                        Residual::InPlace => Some(&seg[d0..]),
+                    };
                     if n == NR {
                         let (lo, hi) = match res {
                             Some(res) => (
@@ -484,15 +517,12 @@ impl Ctx<'_> {
                         let mut vals = [0f32; NR];
                         store(&mut vals, 0, lo);
                         store(&mut vals, LANES, hi);
-                        let dst = &mut seg[d0..d0 + n];
-                        match res {
-                            Some(res) => {
-                                for ((d, v), rv) in dst.iter_mut().zip(vals).zip(res) {
-                                    *d = rv + v;
-                                }
+                        if let Some(res) = res {
+                            for (v, rv) in vals.iter_mut().zip(res).take(n) {
+                                *v += rv;
                             }
-                            None => dst.copy_from_slice(&vals[..n]),
                         }
+                        seg[d0..d0 + n].copy_from_slice(&vals[..n]);
                     }
                 }
             }
@@ -632,7 +662,14 @@ mod tests {
             let res = with_res.then(|| rnd(cout * hu * wu, 4));
             let conv = Winograd3x3::new(&wt, Some(&b), cout, cin);
             let mut out = vec![f32::NAN; cout * hu * wu];
-            conv.forward(s, &x, (h, w), up, None, res.as_deref(), &mut out);
+            let residual = res.as_deref().map_or(Residual::None, Residual::Add);
+            conv.forward(s, &x, (h, w), up, None, residual, &mut out);
+            // The same residual accumulated in place.
+            if let Some(r) = &res {
+                let mut acc = r.clone();
+                conv.forward(s, &x, (h, w), up, None, Residual::InPlace, &mut acc);
+                assert_eq!(acc, out, "in-place residual");
+            }
             let want = reference(&x, &wt, &b, (cin, cout, h, w), up, res.as_deref());
             let scale = (cin * 9) as f64;
             let err = out
@@ -701,11 +738,11 @@ mod timing {
                 silu: !up,
             };
             let pre = (!up).then_some(&pre);
-            conv.forward(s, &x, (h, w), up, pre, None, &mut out);
+            conv.forward(s, &x, (h, w), up, pre, Residual::None, &mut out);
             let reps = 10;
             let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
             for _ in 0..reps {
-                conv.forward(s, &x, (h, w), up, pre, None, &mut out);
+                conv.forward(s, &x, (h, w), up, pre, Residual::None, &mut out);
             }
             let cpu = (cpu_seconds() - c0) / reps as f64;
             let wall = t0.elapsed().as_secs_f64() / reps as f64;
