@@ -20,6 +20,8 @@
 //! There is no `unsafe` here: SIMD goes through `pulp`'s safe wrappers (see `simd::run`).
 
 #[cfg(target_arch = "x86_64")]
+mod dense;
+#[cfg(target_arch = "x86_64")]
 mod group_norm;
 #[cfg(target_arch = "x86_64")]
 mod ops;
@@ -159,6 +161,57 @@ impl GroupNorm {
             y.silu()
         } else {
             Ok(y)
+        }
+    }
+}
+
+/// A dense layer's weight prepared for the CPU GEMM (AVX-512, weights packed once): `x W (+ b)`,
+/// or for the FFN `silu(x W1) * (x W3)` in one pass.
+#[derive(Debug)]
+pub struct PackedDense {
+    #[cfg(target_arch = "x86_64")]
+    fast: ops::FastDense,
+}
+
+impl PackedDense {
+    /// `Some` when the `(in, out)` weight is CPU f32 and the CPU has AVX-512.
+    pub fn prepare(w_t: &Tensor, bias: Option<&Tensor>) -> Result<Option<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        return Ok(ops::FastDense::prepare(w_t, bias)?.map(|fast| Self { fast }));
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (w_t, bias);
+            Ok(None)
+        }
+    }
+
+    /// `Some` when the `(in, hidden)` gate and up weights are CPU f32 and the CPU has AVX-512.
+    pub fn prepare_swiglu(w1_t: &Tensor, w3_t: &Tensor) -> Result<Option<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        return Ok(ops::FastDense::prepare_swiglu(w1_t, w3_t)?.map(|fast| Self { fast }));
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (w1_t, w3_t);
+            Ok(None)
+        }
+    }
+
+    /// Output columns.
+    pub fn out_dim(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return self.fast.out_dim();
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("never constructed off x86-64")
+    }
+
+    /// The layer on `x (rows, in)`, `None` when `x` cannot take this path (not CPU f32).
+    pub fn try_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(target_arch = "x86_64")]
+        return self.fast.try_forward(x);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = x;
+            Ok(None)
         }
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor,
 };
 
+use super::dense::{simd512, PackedWeight};
 use super::group_norm::{self, GroupNormParams};
 use super::pointwise::Pointwise;
 use super::simd::simd;
@@ -298,5 +299,81 @@ impl CustomOp1 for GroupNormOp<'_> {
             group_norm::apply(s, xi, &mut out[i * item..(i + 1) * item], hw, &a);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// A dense layer's weight packed for the AVX-512 GEMM.
+#[derive(Debug)]
+pub(super) struct FastDense {
+    packed: PackedWeight,
+}
+
+impl FastDense {
+    /// `Some` for a CPU f32 `(in, out)` weight on a CPU with AVX-512.
+    pub fn prepare(w_t: &Tensor, bias: Option<&Tensor>) -> Result<Option<Self>> {
+        if !cpu_f32(w_t) || !bias.is_none_or(cpu_f32) || simd512().is_none() {
+            return Ok(None);
+        }
+        let (k, n) = w_t.dims2()?;
+        let w = w_t.flatten_all()?.to_vec1::<f32>()?;
+        let b = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Some(Self {
+            packed: PackedWeight::new(&w, k, n, b.as_deref()),
+        }))
+    }
+
+    /// `Some` for CPU f32 `(in, hidden)` gate and up weights on a CPU with AVX-512.
+    pub fn prepare_swiglu(w1_t: &Tensor, w3_t: &Tensor) -> Result<Option<Self>> {
+        if !cpu_f32(w1_t) || !cpu_f32(w3_t) || simd512().is_none() {
+            return Ok(None);
+        }
+        let (k, h) = w1_t.dims2()?;
+        if w3_t.dims2()? != (k, h) {
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                w1_t.dims(),
+                w3_t.dims()
+            )
+        }
+        let w1 = w1_t.flatten_all()?.to_vec1::<f32>()?;
+        let w3 = w3_t.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(Self {
+            packed: PackedWeight::new_swiglu(&w1, &w3, k, h),
+        }))
+    }
+
+    /// Output columns.
+    pub fn out_dim(&self) -> usize {
+        self.packed.n()
+    }
+
+    /// The layer on `x (rows, in)` if it is CPU f32.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !cpu_f32(x) || x.rank() != 2 || x.dim(1)? != self.packed.k() {
+            return Ok(None);
+        }
+        Ok(Some(
+            x.contiguous()?.apply_op1_no_bwd(&DenseOp(&self.packed))?,
+        ))
+    }
+}
+
+struct DenseOp<'a>(&'a PackedWeight);
+
+impl CustomOp1 for DenseOp<'_> {
+    fn name(&self) -> &'static str {
+        "packed-dense"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd512() else {
+            bail!("dense: no AVX-512")
+        };
+        let x = f32_slice(storage, layout)?;
+        let (m, _) = layout.shape().dims2()?;
+        let n = self.0.n();
+        let mut y = vec![0f32; m * n];
+        self.0.matmul(s, x, m, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

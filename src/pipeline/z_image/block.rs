@@ -6,7 +6,7 @@ use candle_nn::{linear, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::attention;
 use super::config::TransformerConfig;
-use super::linear::Dense;
+use super::linear::{Dense, SwiGlu};
 use crate::pipeline::error::Result;
 
 /// Rotary tables and key mask shared by every block of one stream.
@@ -88,25 +88,21 @@ impl SelfAttention {
 }
 
 struct FeedForward {
-    /// w1 and w3 fused.
-    w13: Dense,
+    /// `silu(x w1) * (x w3)`, fused.
+    w13: SwiGlu,
     w2: Dense,
-    hidden: usize,
 }
 
 impl FeedForward {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            w13: Dense::load(&vb, &["w1", "w3"], dim, &[hidden, hidden], false)?,
+            w13: SwiGlu::load(&vb, "w1", "w3", dim, hidden)?,
             w2: Dense::load(&vb, &["w2"], hidden, &[dim], false)?,
-            hidden,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = Dense::split(&self.w13.forward(x)?, &[self.hidden, self.hidden])?;
-        let h = (candle_nn::ops::silu(&h[0])? * &h[1])?;
-        self.w2.forward(&h)
+        self.w2.forward(&self.w13.forward(x)?)
     }
 }
 

@@ -1,17 +1,77 @@
-//! Dense layers stored pre-transposed as `(in, out)` row-major, optionally several checkpoint
-//! matrices fused along the output (q/k/v, or the FFN's w1/w3): one GEMM over all tokens of the
-//! batch instead of several, with the weight already in the layout the GEMM reads fastest.
+//! Dense layers, loaded once into the layout their GEMM reads fastest.
+//!
+//! - On a CPU with AVX-512 (f32 weights) the weight is packed into the panels of our own GEMM
+//!   (`kernels::PackedDense`) at load and the checkpoint layout is dropped: no call repacks it.
+//! - Everywhere else (GPU, other dtypes, other CPUs) it is stored pre-transposed as `(in, out)`
+//!   for candle's matmul.
+//!
+//! Several checkpoint matrices can be fused along the output (q/k/v): one GEMM over all tokens of
+//! the batch instead of several. The FFN's gate and up projections are fused into [`SwiGlu`],
+//! which on the packed path also applies `silu(gate) * up` as the GEMM writes its tile.
 
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::pipeline::error::Result;
+use crate::pipeline::kernels::PackedDense;
+
+enum Weight {
+    Packed(PackedDense),
+    /// `(in, out)` contiguous, and the bias.
+    Plain {
+        w: Tensor,
+        b: Option<Tensor>,
+    },
+}
 
 pub struct Dense {
-    /// `(in, out)` contiguous.
-    w: Tensor,
-    b: Option<Tensor>,
+    weight: Weight,
     out: usize,
+}
+
+/// Load `{name}.weight` for each name as one `(in, sum of outs)` matrix, and the fused biases.
+fn load_fused(
+    vb: &VarBuilder,
+    names: &[&str],
+    in_dim: usize,
+    outs: &[usize],
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut ws = Vec::with_capacity(names.len());
+    let mut bs = Vec::with_capacity(names.len());
+    for (name, &out) in names.iter().zip(outs) {
+        ws.push(vb.get((out, in_dim), &format!("{name}.weight"))?);
+        if bias {
+            bs.push(vb.get(out, &format!("{name}.bias"))?);
+        }
+    }
+    let w = Tensor::cat(&ws, 0)?.t()?.contiguous()?;
+    let b = if bias {
+        Some(Tensor::cat(&bs, 0)?)
+    } else {
+        None
+    };
+    Ok((w, b))
+}
+
+/// A packed (CPU f32) layer was given an input on another device or of another dtype.
+fn unpacked_input(x: &Tensor) -> crate::pipeline::PipelineError {
+    candle_core::Error::Msg(format!(
+        "CPU f32 dense layer given a {:?} input on {:?}",
+        x.dtype(),
+        x.device().location()
+    ))
+    .into()
+}
+
+/// `x` as `(rows, k)` and the output's dims with the last one replaced by `out`.
+fn flatten(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let last = dims.len() - 1;
+    dims[last] = out;
+    Ok((x.reshape((rows, k))?, dims))
 }
 
 impl Dense {
@@ -23,40 +83,33 @@ impl Dense {
         outs: &[usize],
         bias: bool,
     ) -> Result<Self> {
-        let mut ws = Vec::with_capacity(names.len());
-        let mut bs = Vec::with_capacity(names.len());
-        for (name, &out) in names.iter().zip(outs) {
-            ws.push(vb.get((out, in_dim), &format!("{name}.weight"))?);
-            if bias {
-                bs.push(vb.get(out, &format!("{name}.bias"))?);
-            }
-        }
-        let w = Tensor::cat(&ws, 0)?.t()?.contiguous()?;
-        let b = if bias {
-            Some(Tensor::cat(&bs, 0)?)
-        } else {
-            None
+        let (w, b) = load_fused(vb, names, in_dim, outs, bias)?;
+        let weight = match PackedDense::prepare(&w, b.as_ref())? {
+            Some(p) => Weight::Packed(p),
+            None => Weight::Plain { w, b },
         };
         Ok(Self {
-            w,
-            b,
+            weight,
             out: outs.iter().sum(),
         })
     }
 
     /// `x @ W (+ b)` over the last dimension; any leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, k))?.matmul(&self.w)?;
-        let y = match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let (x2, out_dims) = flatten(x, self.out)?;
+        let y = match &self.weight {
+            Weight::Packed(p) => match p.try_forward(&x2)? {
+                Some(y) => y,
+                None => return Err(unpacked_input(x)),
+            },
+            Weight::Plain { w, b } => {
+                let y = x2.matmul(w)?;
+                match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.out;
         Ok(y.reshape(out_dims)?)
     }
 
@@ -69,5 +122,53 @@ impl Dense {
             start += s;
         }
         Ok(parts)
+    }
+}
+
+/// The FFN's first half: `silu(x W1) * (x W3)` (no biases).
+pub struct SwiGlu {
+    packed: Option<PackedDense>,
+    /// `w1 | w3` as `(in, 2 * hidden)` when not packed.
+    plain: Option<Tensor>,
+    hidden: usize,
+}
+
+impl SwiGlu {
+    /// Load `{gate}.weight` and `{up}.weight`, each `(hidden, in_dim)`.
+    pub fn load(
+        vb: &VarBuilder,
+        gate: &str,
+        up: &str,
+        in_dim: usize,
+        hidden: usize,
+    ) -> Result<Self> {
+        let w1 = vb.get((hidden, in_dim), &format!("{gate}.weight"))?;
+        let w3 = vb.get((hidden, in_dim), &format!("{up}.weight"))?;
+        let packed = PackedDense::prepare_swiglu(&w1.t()?.contiguous()?, &w3.t()?.contiguous()?)?;
+        let plain = match packed {
+            Some(_) => None,
+            None => Some(Tensor::cat(&[w1, w3], 0)?.t()?.contiguous()?),
+        };
+        Ok(Self {
+            packed,
+            plain,
+            hidden,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, out_dims) = flatten(x, self.hidden)?;
+        if let Some(p) = &self.packed {
+            if let Some(y) = p.try_forward(&x2)? {
+                return Ok(y.reshape(out_dims)?);
+            }
+        }
+        let Some(w) = &self.plain else {
+            return Err(unpacked_input(x));
+        };
+        let h = x2.matmul(w)?;
+        let g = h.narrow(D::Minus1, 0, self.hidden)?;
+        let u = h.narrow(D::Minus1, self.hidden, self.hidden)?;
+        Ok((candle_nn::ops::silu(&g)? * u)?.reshape(out_dims)?)
     }
 }

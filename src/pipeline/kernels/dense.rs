@@ -1,0 +1,360 @@
+//! The dense-layer GEMM for CPUs with AVX-512: `y = x · W (+ b)` with `W` packed once, at load,
+//! into the panel layout the micro-kernel reads, so no call repacks a weight.
+//!
+//! Layout and loop order (BLIS-style, sized for the transformer's shapes: a few hundred to a few
+//! thousand rows, K and N in the hundreds to thousands):
+//! - `W` (K x N) is cut into panels of [`NR`] = 48 columns (three 16-float vectors), each stored
+//!   k-major (`[k][48]`), the last one zero-padded. A panel (K x 48 floats, ~100 KB at K = 528)
+//!   stays in L2 while every row block of `x` streams past it.
+//! - The rows of `x` are split evenly over the rayon workers (contiguous row ranges, so each
+//!   worker owns a contiguous slice of `y`); each worker packs its rows into [`MR`] = 8-row
+//!   micro-panels (`[k][8]`, zero-padded) in a thread-local buffer.
+//! - The micro-kernel holds an 8 x 48 tile in 24 zmm accumulators: per k, three vector loads of
+//!   `W`, eight broadcasts of `x`, 24 FMAs.
+//!
+//! Every output value is `sum_k x[r][k] * W[k][c]` accumulated in k order by one FMA chain, then
+//! `+ b[c]`: the result for a row never depends on how many rows the call has or where the row
+//! sits, so batching never changes an image.
+//!
+//! The SwiGLU epilogue ([`Epilogue::SwiGlu`]) serves the FFN's fused `w1 | w3` GEMM: each panel
+//! holds 24 columns of `w1` and the same 24 columns of `w3`, and the tile is written out as
+//! `silu(x w1) * (x w3)`, so the 2·hidden-wide intermediate never reaches memory.
+
+use pulp::{f32x16, x86::V4, NullaryFnOnce};
+use rayon::prelude::*;
+
+use super::simd::{self, with_scratch, LANES};
+
+/// Rows per micro-kernel tile.
+pub(crate) const MR: usize = 8;
+/// Vectors (of 16 floats) per tile row.
+const NV: usize = 3;
+/// Columns per panel.
+pub(crate) const NR: usize = 16 * NV;
+/// Columns of each half (w1, w3) in a SwiGLU panel.
+const HALF: usize = NR / 2;
+
+/// The AVX-512 token when this CPU has it.
+pub(crate) fn simd512() -> Option<V4> {
+    V4::try_new()
+}
+
+/// What a tile becomes in `y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `y = x W + b`, N columns.
+    Store,
+    /// `y = silu(x W1) * (x W3)`, N/2 columns.
+    SwiGlu,
+}
+
+/// A weight matrix in panel layout.
+#[derive(Debug)]
+pub(crate) struct PackedWeight {
+    k: usize,
+    /// Output columns (of `y`).
+    n: usize,
+    panels: usize,
+    /// `panels` blocks of `k * NR` floats.
+    data: Vec<f32>,
+    /// Bias padded to `panels * NR` (Store only).
+    bias: Option<Vec<f32>>,
+    epilogue: Epilogue,
+}
+
+impl PackedWeight {
+    /// Pack a row-major `(k, n)` matrix (the layer's weight transposed) and its bias.
+    pub fn new(w: &[f32], k: usize, n: usize, bias: Option<&[f32]>) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for (p, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+            let c0 = p * NR;
+            let cols = NR.min(n - c0);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..cols].copy_from_slice(&w[kk * n + c0..kk * n + c0 + cols]);
+            }
+        }
+        let bias = bias.map(|b| {
+            let mut v = vec![0f32; panels * NR];
+            v[..n].copy_from_slice(&b[..n]);
+            v
+        });
+        Self {
+            k,
+            n,
+            panels,
+            data,
+            bias,
+            epilogue: Epilogue::Store,
+        }
+    }
+
+    /// Pack the FFN's gate and up projections, both row-major `(k, hidden)`, for the SwiGLU
+    /// epilogue: panel `p` holds columns `24p..24p+24` of `w1`, then the same of `w3`.
+    pub fn new_swiglu(w1: &[f32], w3: &[f32], k: usize, hidden: usize) -> Self {
+        let panels = hidden.div_ceil(HALF);
+        let mut data = vec![0f32; panels * k * NR];
+        for (p, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+            let c0 = p * HALF;
+            let cols = HALF.min(hidden - c0);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                let src = kk * hidden + c0;
+                dst[..cols].copy_from_slice(&w1[src..src + cols]);
+                dst[HALF..HALF + cols].copy_from_slice(&w3[src..src + cols]);
+            }
+        }
+        Self {
+            k,
+            n: hidden,
+            panels,
+            data,
+            bias: None,
+            epilogue: Epilogue::SwiGlu,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the output.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `y (m x n) = epilogue(x (m x k) · W)`, `x` and `y` row-major and contiguous, on the rayon
+    /// pool.
+    pub fn matmul(&self, s: V4, x: &[f32], m: usize, y: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        assert!(
+            x.len() >= m * k && y.len() >= m * n,
+            "dense gemm: short buffers"
+        );
+        if m == 0 {
+            return;
+        }
+        let micro = m.div_ceil(MR);
+        let workers = rayon::current_num_threads().clamp(1, micro);
+        let per = micro.div_ceil(workers) * MR;
+        if workers == 1 {
+            self.rows(s, &x[..m * k], &mut y[..m * n]);
+            return;
+        }
+        y[..m * n]
+            .par_chunks_mut(per * n)
+            .zip(x[..m * k].par_chunks(per * k))
+            .for_each(|(yc, xc)| self.rows(s, xc, yc));
+    }
+
+    /// One worker's rows: pack them, then every panel against every micro-panel.
+    fn rows(&self, s: V4, x: &[f32], y: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        let m = x.len() / k;
+        let micro = m.div_ceil(MR);
+        with_scratch(micro * k * MR, |packed| {
+            pack_rows(x, m, k, packed);
+            run(s, || {
+                for p in 0..self.panels {
+                    let panel = &self.data[p * k * NR..(p + 1) * k * NR];
+                    for mp in 0..micro {
+                        let a = &packed[mp * k * MR..(mp + 1) * k * MR];
+                        let tile = kernel(s, a, panel);
+                        let r0 = mp * MR;
+                        let rows = MR.min(m - r0);
+                        self.emit(s, &tile, p, rows, &mut y[r0 * n..(r0 + rows) * n]);
+                    }
+                }
+            })
+        });
+    }
+
+    /// Write one tile's valid rows and columns into `y` (rows of `n`).
+    #[inline(always)]
+    fn emit(&self, s: V4, tile: &[[f32x16; NV]; MR], p: usize, rows: usize, y: &mut [f32]) {
+        let n = self.n;
+        match self.epilogue {
+            Epilogue::Store => {
+                let c0 = p * NR;
+                let cols = NR.min(n - c0);
+                let bias = self.bias.as_ref().map(|b| &b[c0..c0 + NR]);
+                for (r, acc) in tile.iter().take(rows).enumerate() {
+                    let mut out = [0f32; NR];
+                    for (j, v) in acc.iter().enumerate() {
+                        let v = match bias {
+                            Some(b) => s.add_f32x16(*v, load16(b, 16 * j)),
+                            None => *v,
+                        };
+                        let a: [f32; 16] = pulp::cast(v);
+                        out[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                    }
+                    y[r * n + c0..r * n + c0 + cols].copy_from_slice(&out[..cols]);
+                }
+            }
+            Epilogue::SwiGlu => {
+                let c0 = p * HALF;
+                let cols = HALF.min(n - c0);
+                let s3 = *s;
+                for (r, acc) in tile.iter().take(rows).enumerate() {
+                    let mut t = [0f32; NR];
+                    for (j, v) in acc.iter().enumerate() {
+                        let a: [f32; 16] = pulp::cast(*v);
+                        t[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                    }
+                    let mut out = [0f32; HALF];
+                    for i in (0..HALF).step_by(LANES) {
+                        let g = simd::silu(s3, simd::load(s3, &t, i));
+                        let u = simd::load(s3, &t, HALF + i);
+                        simd::store(&mut out, i, s3.mul_f32x8(g, u));
+                    }
+                    y[r * n + c0..r * n + c0 + cols].copy_from_slice(&out[..cols]);
+                }
+            }
+        }
+    }
+}
+
+/// Pack `m` rows of `x` (row-major, `k` wide) into `MR`-row micro-panels stored k-major
+/// (`[k][MR]`), rows past `m` zero.
+fn pack_rows(x: &[f32], m: usize, k: usize, packed: &mut [f32]) {
+    for (mp, dst) in packed.chunks_exact_mut(k * MR).enumerate() {
+        let r0 = mp * MR;
+        let rows = MR.min(m - r0);
+        if rows < MR {
+            dst.fill(0.0);
+        }
+        for r in 0..rows {
+            let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+            for (kk, &v) in src.iter().enumerate() {
+                dst[kk * MR + r] = v;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn load16(src: &[f32], i: usize) -> f32x16 {
+    match src[i..i + 16].first_chunk::<16>() {
+        Some(a) => pulp::cast(*a),
+        None => f32x16(
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ),
+    }
+}
+
+/// `acc[r][j] = sum_k a[k][r] * b[k][16j..16j+16]` over the whole depth, k in order.
+#[inline(always)]
+fn kernel(s: V4, a: &[f32], b: &[f32]) -> [[f32x16; NV]; MR] {
+    let z = s.splat_f32x16(0.0);
+    let mut acc = [[z; NV]; MR];
+    let (a, _) = a.as_chunks::<MR>();
+    let (b, _) = b.as_chunks::<NR>();
+    for (ak, bk) in a.iter().zip(b) {
+        let (bv, _) = bk.as_chunks::<16>();
+        let bv: [f32x16; NV] = [pulp::cast(bv[0]), pulp::cast(bv[1]), pulp::cast(bv[2])];
+        for r in 0..MR {
+            let w = s.splat_f32x16(ak[r]);
+            for j in 0..NV {
+                acc[r][j] = s.mul_add_f32x16(w, bv[j], acc[r][j]);
+            }
+        }
+    }
+    acc
+}
+
+/// Run `f` with AVX-512 enabled for everything inlined into it (see `simd::run`).
+#[inline(always)]
+fn run<R>(s: V4, f: impl FnMut() -> R) -> R {
+    s.vectorize(Vectorized(f))
+}
+
+struct Vectorized<F>(F);
+
+impl<R, F: FnMut() -> R> NullaryFnOnce for Vectorized<F> {
+    type Output = R;
+
+    #[inline(always)]
+    fn call(mut self) -> R {
+        (self.0)()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for r in 0..m {
+            for kk in 0..k {
+                let a = x[r * k + kk] as f64;
+                for c in 0..n {
+                    y[r * n + c] += a * w[kk * n + c] as f64;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn store_matches_a_plain_matmul() {
+        let Some(s) = simd512() else { return };
+        for &(m, k, n) in &[(1, 3, 5), (17, 40, 48), (29, 33, 100), (64, 528, 130)] {
+            let (x, w, b) = (data(m * k, 1), data(k * n, 2), data(n, 3));
+            let pw = PackedWeight::new(&w, k, n, Some(&b));
+            let mut y = vec![f32::NAN; m * n];
+            pw.matmul(s, &x, m, &mut y);
+            let want = reference(&x, &w, m, k, n);
+            for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
+                let want = want + b[i % n] as f64;
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{m}x{k}x{n} [{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_silu_times_up() {
+        let Some(s) = simd512() else { return };
+        let (m, k, h) = (19, 37, 53);
+        let (x, w1, w3) = (data(m * k, 4), data(k * h, 5), data(k * h, 6));
+        let pw = PackedWeight::new_swiglu(&w1, &w3, k, h);
+        let mut y = vec![f32::NAN; m * h];
+        pw.matmul(s, &x, m, &mut y);
+        let (g, u) = (reference(&x, &w1, m, k, h), reference(&x, &w3, m, k, h));
+        for i in 0..m * h {
+            let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+            assert!(
+                (y[i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "[{i}]: {} vs {want}",
+                y[i]
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_batch() {
+        let Some(s) = simd512() else { return };
+        let (k, n) = (96, 150);
+        let w = data(k * n, 7);
+        let pw = PackedWeight::new(&w, k, n, None);
+        let x = data(45 * k, 8);
+        let mut all = vec![0f32; 45 * n];
+        pw.matmul(s, &x, 45, &mut all);
+        for r in [0, 7, 8, 31, 44] {
+            let mut one = vec![0f32; n];
+            pw.matmul(s, &x[r * k..(r + 1) * k], 1, &mut one);
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        }
+    }
+}
