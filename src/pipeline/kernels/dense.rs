@@ -153,18 +153,22 @@ impl PackedWeight {
         let micro = m.div_ceil(MR);
         with_scratch(micro * k * MR, |packed| {
             pack_rows(x, m, k, packed);
-            run(s, || {
-                for p in 0..self.panels {
-                    let panel = &self.data[p * k * NR..(p + 1) * k * NR];
-                    for mp in 0..micro {
-                        let a = &packed[mp * k * MR..(mp + 1) * k * MR];
-                        let tile = kernel(s, a, panel);
-                        let r0 = mp * MR;
-                        let rows = MR.min(m - r0);
-                        self.emit(s, &tile, p, rows, &mut y[r0 * n..(r0 + rows) * n]);
+            run(
+                s,
+                #[inline(always)]
+                || {
+                    for p in 0..self.panels {
+                        let panel = &self.data[p * k * NR..(p + 1) * k * NR];
+                        for mp in 0..micro {
+                            let a = &packed[mp * k * MR..(mp + 1) * k * MR];
+                            let tile = kernel(s, a, panel);
+                            let r0 = mp * MR;
+                            let rows = MR.min(m - r0);
+                            self.emit(s, &tile, p, rows, &mut y[r0 * n..(r0 + rows) * n]);
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     }
 

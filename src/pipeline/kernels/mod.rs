@@ -28,6 +28,8 @@ mod ops;
 #[cfg(target_arch = "x86_64")]
 mod pointwise;
 #[cfg(target_arch = "x86_64")]
+mod rows;
+#[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
@@ -214,6 +216,126 @@ impl PackedDense {
             Ok(None)
         }
     }
+}
+
+/// An RMSNorm (candle's `RmsNorm`) with fused CPU f32 passes for the transformer block: the
+/// norm with its adaLN scale, and the norm of a branch with its gate added to the residual.
+#[derive(Debug, Clone)]
+pub struct RowNorm {
+    inner: candle_nn::RmsNorm,
+    /// The weight on the host, when it is CPU f32 and the CPU has AVX2 + FMA.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    host: Option<Vec<f32>>,
+    eps: f32,
+}
+
+impl RowNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let inner = candle_nn::rms_norm(dim, eps, vb)?;
+        let w = inner.weight();
+        #[cfg(target_arch = "x86_64")]
+        let host = if w.device().is_cpu() && w.dtype() == candle_core::DType::F32 {
+            simd::simd().map(|_| w.to_vec1::<f32>()).transpose()?
+        } else {
+            None
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let host = {
+            let _ = w;
+            None
+        };
+        Ok(Self {
+            inner,
+            host,
+            eps: eps as f32,
+        })
+    }
+
+    /// The plain norm (candle's op).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+
+    /// Whether `x` takes the fused passes.
+    pub fn fused_for(&self, x: &Tensor) -> bool {
+        self.host.is_some() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    }
+
+    /// `RMSNorm(x) * scale[item]` for `x (B, S, dim)`, `scale` `B * dim` values (`None`: the
+    /// plain norm); `None` when `x` does not take the fused pass.
+    pub fn try_norm_scale(&self, x: &Tensor, scale: Option<&[f32]>) -> Result<Option<Tensor>> {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(w), true) = (&self.host, self.fused_for(x)) {
+            let op = ops::NormScaleOp {
+                w,
+                scale,
+                eps: self.eps,
+            };
+            return Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?));
+        }
+        let _ = (x, scale);
+        Ok(None)
+    }
+
+    /// `x + gate[item] * RMSNorm(h)` for `x, h (B, S, dim)`; `None` when they do not take the
+    /// fused pass.
+    pub fn try_residual(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        gate: Option<&[f32]>,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(w), true) = (&self.host, self.fused_for(x) && self.fused_for(h)) {
+            let op = ops::ResidualOp {
+                w,
+                gate,
+                eps: self.eps,
+            };
+            return Ok(Some(
+                x.contiguous()?.apply_op2_no_bwd(&h.contiguous()?, &op)?,
+            ));
+        }
+        let _ = (x, h, gate);
+        Ok(None)
+    }
+}
+
+/// From a fused q/k/v projection `(B, S, (H + 2 Hkv) D)`: `q (B, H, S, D)` and
+/// `k (B, Hkv, S, D)` RMS-normed (`norm_q`, `norm_k`) and rotated (`cos`/`sin` `(B, S, D/2)`),
+/// and `v (B, Hkv, S, D)`, all contiguous, in one pass; `None` off the CPU f32 path.
+pub fn qkv_norm_rope(
+    qkv: &Tensor,
+    norm_q: &RowNorm,
+    norm_k: &RowNorm,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(wq), Some(wk), true) = (&norm_q.host, &norm_k.host, norm_q.fused_for(qkv)) {
+        let (b, s, _) = qkv.dims3()?;
+        let op = ops::QkvPrepOp {
+            wq,
+            wk,
+            heads,
+            kv_heads,
+            eps: norm_q.eps,
+        };
+        let flat =
+            qkv.contiguous()?
+                .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+        let (nq, nkv) = (b * heads * s * head_dim, b * kv_heads * s * head_dim);
+        let q = flat.narrow(0, 0, nq)?.reshape((b, heads, s, head_dim))?;
+        let k = flat
+            .narrow(0, nq, nkv)?
+            .reshape((b, kv_heads, s, head_dim))?;
+        let v = flat
+            .narrow(0, nq + nkv, nkv)?
+            .reshape((b, kv_heads, s, head_dim))?;
+        return Ok(Some((q, k, v)));
+    }
+    let _ = (qkv, norm_q, norm_k, cos, sin, heads, kv_heads, head_dim);
+    Ok(None)
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -3,14 +3,17 @@
 //! and the caller then uses candle's own ops.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape,
+    Tensor,
 };
 
 use super::dense::{simd512, PackedWeight};
 use super::group_norm::{self, GroupNormParams};
 use super::pointwise::Pointwise;
-use super::simd::simd;
+use super::rows;
+use super::simd::{run, simd};
 use super::winograd::{Residual, Winograd3x3};
+use rayon::prelude::*;
 
 fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -375,5 +378,185 @@ impl CustomOp1 for DenseOp<'_> {
         let mut y = vec![0f32; m * n];
         self.0.matmul(s, x, m, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// Rows per parallel task of the row-wise passes.
+const ROW_TASK: usize = 32;
+
+/// `RMSNorm(x) * w (* scale[item])` over `(B, S, dim)`; `scale` is `B * dim`.
+pub(super) struct NormScaleOp<'a> {
+    pub w: &'a [f32],
+    pub scale: Option<&'a [f32]>,
+    pub eps: f32,
+}
+
+impl CustomOp1 for NormScaleOp<'_> {
+    fn name(&self) -> &'static str {
+        "rms-norm-scale"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd() else {
+            bail!("rms norm: no AVX2/FMA")
+        };
+        let x = f32_slice(storage, layout)?;
+        let (b, seq, d) = layout.shape().dims3()?;
+        if self.w.len() != d || self.scale.is_some_and(|sc| sc.len() != b * d) {
+            bail!("rms norm: weight or scale does not fit ({b}, {seq}, {d})")
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROW_TASK * d)
+            .zip(x.par_chunks(ROW_TASK * d))
+            .enumerate()
+            .for_each(|(t, (o, xs))| {
+                run(
+                    s,
+                    #[inline(always)]
+                    || {
+                        for (r, (orow, xrow)) in
+                            o.chunks_exact_mut(d).zip(xs.chunks_exact(d)).enumerate()
+                        {
+                            let item = (t * ROW_TASK + r) / seq;
+                            let sc = self.scale.map(|sc| &sc[item * d..(item + 1) * d]);
+                            rows::norm_scale(s, xrow, self.w, sc, self.eps, orow);
+                        }
+                    },
+                )
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `x + gate[item] * RMSNorm(h) * w` over `(B, S, dim)`; `gate` is `B * dim`.
+pub(super) struct ResidualOp<'a> {
+    pub w: &'a [f32],
+    pub gate: Option<&'a [f32]>,
+    pub eps: f32,
+}
+
+impl CustomOp2 for ResidualOp<'_> {
+    fn name(&self) -> &'static str {
+        "rms-norm-gate-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd() else {
+            bail!("residual: no AVX2/FMA")
+        };
+        let (x, h) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (b, seq, d) = l1.shape().dims3()?;
+        if l2.shape() != l1.shape()
+            || self.w.len() != d
+            || self.gate.is_some_and(|g| g.len() != b * d)
+        {
+            bail!("residual: shapes do not fit ({b}, {seq}, {d})")
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROW_TASK * d)
+            .zip(x.par_chunks(ROW_TASK * d).zip(h.par_chunks(ROW_TASK * d)))
+            .enumerate()
+            .for_each(|(t, (o, (xs, hs)))| {
+                run(
+                    s,
+                    #[inline(always)]
+                    || {
+                        let rows = o
+                            .chunks_exact_mut(d)
+                            .zip(xs.chunks_exact(d).zip(hs.chunks_exact(d)));
+                        for (r, (orow, (xrow, hrow))) in rows.enumerate() {
+                            let item = (t * ROW_TASK + r) / seq;
+                            let g = self.gate.map(|g| &g[item * d..(item + 1) * d]);
+                            rows::residual(s, xrow, hrow, self.w, g, self.eps, orow);
+                        }
+                    },
+                )
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// From the fused q/k/v projection `(B, S, (H + 2 Hkv) D)` to one flat buffer holding
+/// `q (B, H, S, D)`, `k (B, Hkv, S, D)`, `v (B, Hkv, S, D)` one after another, q and k
+/// RMS-normed and rotated (cos/sin `(B, S, D/2)`): the split, both norms, both rotary passes and
+/// the three head-major transposes in one pass.
+pub(super) struct QkvPrepOp<'a> {
+    pub wq: &'a [f32],
+    pub wk: &'a [f32],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub eps: f32,
+}
+
+impl CustomOp3 for QkvPrepOp<'_> {
+    fn name(&self) -> &'static str {
+        "qkv-norm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(s) = simd() else {
+            bail!("qkv prep: no AVX2/FMA")
+        };
+        let (qkv, cos, sin) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (b, seq, width) = l1.shape().dims3()?;
+        let (h, hkv) = (self.heads, self.kv_heads);
+        let d = self.wq.len();
+        let half = d / 2;
+        if width != (h + 2 * hkv) * d
+            || self.wk.len() != d
+            || !d.is_multiple_of(2)
+            || cos.len() != b * seq * half
+            || sin.len() != b * seq * half
+        {
+            bail!("qkv prep: shapes do not fit ({b}, {seq}, {width})")
+        }
+        let mut out = vec![0f32; qkv.len()];
+        // Plane p (S x D, contiguous in `out`): q planes (item, head), then k, then v.
+        out.par_chunks_mut(seq * d)
+            .enumerate()
+            .for_each(|(p, plane)| {
+                let (col, norm, item) = if p < b * h {
+                    (p % h * d, Some(self.wq), p / h)
+                } else if p < b * (h + hkv) {
+                    let p = p - b * h;
+                    ((h + p % hkv) * d, Some(self.wk), p / hkv)
+                } else {
+                    let p = p - b * (h + hkv);
+                    ((h + hkv + p % hkv) * d, None, p / hkv)
+                };
+                run(
+                    s,
+                    #[inline(always)]
+                    || {
+                        for (r, dst) in plane.chunks_exact_mut(d).enumerate() {
+                            let row = (item * seq + r) * width + col;
+                            let src = &qkv[row..row + d];
+                            match norm {
+                                Some(w) => {
+                                    let t = (item * seq + r) * half;
+                                    let (c, sn) = (&cos[t..t + half], &sin[t..t + half]);
+                                    rows::qk_norm_rope(s, src, w, c, sn, self.eps, dst);
+                                }
+                                None => dst.copy_from_slice(src),
+                            }
+                        }
+                    },
+                )
+            });
+        Ok((CpuStorage::F32(out), Shape::from(qkv.len())))
     }
 }

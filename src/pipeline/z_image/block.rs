@@ -2,12 +2,13 @@
 //! sandwich RMSNorms, and optional adaLN modulation (scale and tanh gate).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, rms_norm, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use super::attention::attention;
 use super::config::TransformerConfig;
 use super::linear::{Dense, SwiGlu};
 use crate::pipeline::error::Result;
+use crate::pipeline::kernels::{qkv_norm_rope, RowNorm};
 
 /// Rotary tables and key mask shared by every block of one stream.
 pub struct StreamCtx {
@@ -36,8 +37,8 @@ struct SelfAttention {
     /// to_q, to_k, to_v fused.
     qkv: Dense,
     to_out: Dense,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    norm_q: RowNorm,
+    norm_k: RowNorm,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -55,8 +56,8 @@ impl SelfAttention {
                 false,
             )?,
             to_out: Dense::load(&vb, &["to_out.0"], cfg.n_heads * hd, &[cfg.dim], false)?,
-            norm_q: rms_norm(hd, 1e-5, vb.pp("norm_q"))?,
-            norm_k: rms_norm(hd, 1e-5, vb.pp("norm_k"))?,
+            norm_q: RowNorm::new(hd, 1e-5, vb.pp("norm_q"))?,
+            norm_k: RowNorm::new(hd, 1e-5, vb.pp("norm_k"))?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
@@ -70,7 +71,19 @@ impl SelfAttention {
             self.n_heads * self.head_dim,
             self.n_kv_heads * self.head_dim,
         );
-        let qkv = Dense::split(&self.qkv.forward(x)?, &[hq, hkv, hkv])?;
+        let qkv = self.qkv.forward(x)?;
+        let heads = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if let Some((q, k, v)) = qkv_norm_rope(
+            &qkv,
+            &self.norm_q,
+            &self.norm_k,
+            (&ctx.cos, &ctx.sin),
+            heads,
+        )? {
+            let out = attention(&q, &k, &v, Some(&ctx.lens))?;
+            return self.to_out.forward(&out);
+        }
+        let qkv = Dense::split(&qkv, &[hq, hkv, hkv])?;
         let q = qkv[0].reshape((b, s, self.n_heads, self.head_dim))?;
         let k = qkv[1].reshape((b, s, self.n_kv_heads, self.head_dim))?;
         let v = qkv[2].reshape((b, s, self.n_kv_heads, self.head_dim))?;
@@ -109,10 +122,10 @@ impl FeedForward {
 pub struct Block {
     attention: SelfAttention,
     feed_forward: FeedForward,
-    attention_norm1: RmsNorm,
-    attention_norm2: RmsNorm,
-    ffn_norm1: RmsNorm,
-    ffn_norm2: RmsNorm,
+    attention_norm1: RowNorm,
+    attention_norm2: RowNorm,
+    ffn_norm1: RowNorm,
+    ffn_norm2: RowNorm,
     /// `adaLN_modulation.0`: adaln -> 4*dim (scale_msa, gate_msa, scale_mlp, gate_mlp).
     modulation: Option<Linear>,
 }
@@ -124,10 +137,10 @@ impl Block {
         Ok(Self {
             attention: SelfAttention::new(cfg, vb.pp("attention"))?,
             feed_forward: FeedForward::new(d, cfg.ffn_hidden(), vb.pp("feed_forward"))?,
-            attention_norm1: rms_norm(d, eps, vb.pp("attention_norm1"))?,
-            attention_norm2: rms_norm(d, eps, vb.pp("attention_norm2"))?,
-            ffn_norm1: rms_norm(d, eps, vb.pp("ffn_norm1"))?,
-            ffn_norm2: rms_norm(d, eps, vb.pp("ffn_norm2"))?,
+            attention_norm1: RowNorm::new(d, eps, vb.pp("attention_norm1"))?,
+            attention_norm2: RowNorm::new(d, eps, vb.pp("attention_norm2"))?,
+            ffn_norm1: RowNorm::new(d, eps, vb.pp("ffn_norm1"))?,
+            ffn_norm2: RowNorm::new(d, eps, vb.pp("ffn_norm2"))?,
             modulation: if modulated {
                 Some(linear(cfg.adaln_dim(), 4 * d, vb.pp("adaLN_modulation.0"))?)
             } else {
@@ -138,6 +151,11 @@ impl Block {
 
     /// x: (B, S, dim); adaln: (B, adaln_dim) for modulated blocks.
     pub fn forward(&self, x: &Tensor, ctx: &StreamCtx, adaln: Option<&Tensor>) -> Result<Tensor> {
+        if self.attention_norm1.fused_for(x) {
+            if let Some(y) = self.forward_fused(x, ctx, adaln)? {
+                return Ok(y);
+            }
+        }
         match (&self.modulation, adaln) {
             (Some(m), Some(c)) => {
                 let mods = per_item(m, c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
@@ -166,5 +184,48 @@ impl Block {
                 Ok((x + h)?)
             }
         }
+    }
+
+    /// The same block on the CPU f32 path: each norm with its modulation (and, after a branch,
+    /// its gate and the residual add) is one pass over the rows. The modulation vectors are
+    /// computed per item as before and read on the host.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        ctx: &StreamCtx,
+        adaln: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let mods = match (&self.modulation, adaln) {
+            (Some(m), Some(c)) => {
+                let (b, d) = (x.dim(0)?, x.dim(2)?);
+                let rows = per_item(m, c)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let mut parts = [(); 4].map(|_| Vec::with_capacity(b * d));
+                for row in &rows {
+                    for (j, part) in parts.iter_mut().enumerate() {
+                        let src = &row[j * d..(j + 1) * d];
+                        // scale = 1 + m, gate = tanh(m), as the reference.
+                        part.extend(
+                            src.iter()
+                                .map(|&v| if j % 2 == 0 { 1.0 + v } else { v.tanh() }),
+                        );
+                    }
+                }
+                Some(parts)
+            }
+            _ => None,
+        };
+        let part = |j: usize| mods.as_ref().map(|m| m[j].as_slice());
+        let Some(h) = self.attention_norm1.try_norm_scale(x, part(0))? else {
+            return Ok(None);
+        };
+        let a = self.attention.forward(&h, ctx)?;
+        let Some(x) = self.attention_norm2.try_residual(x, &a, part(1))? else {
+            return Ok(None);
+        };
+        let Some(h) = self.ffn_norm1.try_norm_scale(&x, part(2))? else {
+            return Ok(None);
+        };
+        let f = self.feed_forward.forward(&h)?;
+        Ok(self.ffn_norm2.try_residual(&x, &f, part(3))?)
     }
 }
