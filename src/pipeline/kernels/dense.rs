@@ -247,7 +247,7 @@ fn load16(src: &[f32], i: usize) -> f32x16 {
 
 /// `acc[r][j] = sum_k a[k][r] * b[k][16j..16j+16]` over the whole depth, k in order.
 #[inline(always)]
-fn kernel(s: V4, a: &[f32], b: &[f32]) -> [[f32x16; NV]; MR] {
+pub(crate) fn kernel(s: V4, a: &[f32], b: &[f32]) -> [[f32x16; NV]; MR] {
     let z = s.splat_f32x16(0.0);
     let mut acc = [[z; NV]; MR];
     let (a, _) = a.as_chunks::<MR>();
@@ -267,7 +267,7 @@ fn kernel(s: V4, a: &[f32], b: &[f32]) -> [[f32x16; NV]; MR] {
 
 /// Run `f` with AVX-512 enabled for everything inlined into it (see `simd::run`).
 #[inline(always)]
-fn run<R>(s: V4, f: impl FnMut() -> R) -> R {
+pub(crate) fn run<R>(s: V4, f: impl FnMut() -> R) -> R {
     s.vectorize(Vectorized(f))
 }
 

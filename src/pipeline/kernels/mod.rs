@@ -20,6 +20,8 @@
 //! There is no `unsafe` here: SIMD goes through `pulp`'s safe wrappers (see `simd::run`).
 
 #[cfg(target_arch = "x86_64")]
+mod attention;
+#[cfg(target_arch = "x86_64")]
 mod dense;
 #[cfg(target_arch = "x86_64")]
 mod group_norm;
@@ -336,6 +338,26 @@ pub fn qkv_norm_rope(
     }
     let _ = (qkv, norm_q, norm_k, cos, sin, heads, kv_heads, head_dim);
     Ok(None)
+}
+
+/// CPU f32 attention with the AVX-512 kernels: `q (B, H, S, D)`, `k`/`v (B, Hkv, S, D)`
+/// contiguous, item `i` over its first `lens[i]` rows; returns `(B, S, H*D)` values, zero past
+/// each item's length. `None` on CPUs without AVX-512.
+pub fn cpu_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, h, hkv, s, d): (usize, usize, usize, usize, usize),
+    lens: &[usize],
+    scale: f32,
+) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s4) = dense::simd512() {
+        let dims = attention::Dims { b, h, hkv, s, d };
+        return Some(attention::attention(s4, q, k, v, dims, lens, scale));
+    }
+    let _ = (q, k, v, b, h, hkv, s, d, lens, scale);
+    None
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

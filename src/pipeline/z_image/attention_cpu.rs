@@ -7,6 +7,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::pipeline::kernels;
+
 /// Queries per task.
 const BLOCK: usize = 64;
 
@@ -148,6 +150,13 @@ impl CustomOp3 for CpuAttention {
             candle_core::bail!("cpu attention: bad heads or lengths");
         }
         let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        if q.len() != b * h * s * d || k.len() != b * hkv * s * d || v.len() != k.len() {
+            candle_core::bail!("cpu attention: q/k/v sizes do not fit");
+        }
+        let dims = (b, h, hkv, s, d);
+        if let Some(out) = kernels::cpu_attention(q, k, v, dims, &self.lens, self.scale) {
+            return Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))));
+        }
         let blocks = s.div_ceil(BLOCK);
         let tasks: Vec<(usize, usize, usize)> = (0..b)
             .flat_map(|i| (0..h).flat_map(move |hh| (0..blocks).map(move |bl| (i, hh, bl))))

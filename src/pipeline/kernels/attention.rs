@@ -1,0 +1,331 @@
+//! Attention on CPUs with AVX-512, built on the dense GEMM's 8 x 48 micro-kernel.
+//!
+//! Per (item, head) the keys are packed into 8-key micro-panels (`[d][8]`) and the values into
+//! 8-dim micro-panels (`[j][8]`), once. Then per block of up to 96 queries (two 48-query panels):
+//!
+//! 1. `S^T = K Q^T * scale`: tiles of 8 keys x 48 queries, written key-major (`[j][48]`), which is
+//!    at once the layout the softmax wants (48 queries per row, vectorized across queries) and
+//!    the panel layout of the second GEMM;
+//! 2. softmax over keys, per query: max, then `exp(s - max)` in place with the sum; the division
+//!    by the sum is applied to the output (one multiply per output instead of per score);
+//! 3. `O^T = V^T P`: tiles of 8 dims x 48 queries, stored transposed into the block's rows.
+//!
+//! Scores exist only for one block (`len x 96` floats), never `(S, S)`; keys past an item's
+//! length are never read (its own length, so a batch mate's never matters); an output value
+//! depends only on its own query, the item's keys and values, and the kernel, so attention is
+//! bit-identical for an item alone or in a batch.
+
+use pulp::{f32x16, f32x8, x86::V4};
+use rayon::prelude::*;
+
+use super::dense::{kernel, run, MR, NR};
+use super::simd;
+
+/// Queries per task: two panels.
+const QBLOCK: usize = 2 * NR;
+
+/// Shapes of one call: batch, query heads, kv heads, padded sequence, head dim.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub hkv: usize,
+    pub s: usize,
+    pub d: usize,
+}
+
+/// `softmax(q k^T * scale) v` for `q (B, H, S, D)`, `k`/`v (B, Hkv, S, D)` (contiguous), item `i`
+/// using its first `lens[i]` rows. Returns `(B, S, H*D)`, zero past each item's length.
+pub(crate) fn attention(
+    s4: V4,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+    lens: &[usize],
+    scale: f32,
+) -> Vec<f32> {
+    let Dims { b, h, hkv, s, d } = dims;
+    let groups = h / hkv;
+    // Pack keys and values per (item, kv head).
+    let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..b * hkv)
+        .into_par_iter()
+        .map(|ih| {
+            let len = lens[ih / hkv].min(s);
+            let base = ih * s * d;
+            (
+                pack_keys(&k[base..base + len * d], len, d),
+                pack_values(&v[base..base + len * d], len, d),
+            )
+        })
+        .collect();
+    let tasks: Vec<(usize, usize, usize)> = (0..b)
+        .flat_map(|i| (0..h).flat_map(move |hh| (0..s.div_ceil(QBLOCK)).map(move |qb| (i, hh, qb))))
+        .filter(|&(i, _, qb)| qb * QBLOCK < lens[i].min(s))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, hh, qb)| {
+            let len = lens[i].min(s);
+            let q0 = qb * QBLOCK;
+            let rows = QBLOCK.min(len - q0);
+            let qbase = ((i * h + hh) * s + q0) * d;
+            let (kp, vp) = &packed[i * hkv + hh / groups];
+            let mut out = vec![0f32; rows * d];
+            block(
+                s4,
+                &q[qbase..qbase + rows * d],
+                kp,
+                vp,
+                len,
+                d,
+                scale,
+                &mut out,
+            );
+            out
+        })
+        .collect();
+    let mut out = vec![0f32; b * s * h * d];
+    for (&(i, hh, qb), res) in tasks.iter().zip(&results) {
+        for (r, src) in res.chunks_exact(d).enumerate() {
+            let at = (i * s + qb * QBLOCK + r) * h * d + hh * d;
+            out[at..at + d].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// Keys `(len, d)` -> micro-panels of 8 keys, `[d][8]` each, zero-padded.
+fn pack_keys(k: &[f32], len: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; len.div_ceil(MR) * d * MR];
+    for (mp, dst) in out.chunks_exact_mut(d * MR).enumerate() {
+        for r in 0..MR.min(len - mp * MR) {
+            let row = &k[(mp * MR + r) * d..(mp * MR + r + 1) * d];
+            for (dd, &x) in row.iter().enumerate() {
+                dst[dd * MR + r] = x;
+            }
+        }
+    }
+    out
+}
+
+/// Values `(len, d)` -> micro-panels of 8 dims, `[j][8]` each over all `len` keys, zero-padded.
+fn pack_values(v: &[f32], len: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; d.div_ceil(MR) * len * MR];
+    for (g, dst) in out.chunks_exact_mut(len * MR).enumerate() {
+        let cols = MR.min(d - g * MR);
+        for (j, chunk) in dst.chunks_exact_mut(MR).enumerate() {
+            chunk[..cols].copy_from_slice(&v[j * d + g * MR..j * d + g * MR + cols]);
+        }
+    }
+    out
+}
+
+/// One block of `rows` (<= 96) queries `q (rows, d)` against packed keys and values of `len`
+/// positions; writes `out (rows, d)`.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    s4: V4,
+    q: &[f32],
+    kp: &[f32],
+    vp: &[f32],
+    len: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rows = q.len() / d;
+    let panels = rows.div_ceil(NR);
+    let kmicro = len.div_ceil(MR);
+    let lenp = kmicro * MR;
+    // Q^T panels `[d][48]`, then the scores/probabilities `[j][48]` per panel.
+    let qt_len = panels * d * NR;
+    simd::with_scratch(qt_len + panels * lenp * NR, |buf| {
+        let (qt, sc) = buf.split_at_mut(qt_len);
+        qt.fill(0.0);
+        for (p, dst) in qt.chunks_exact_mut(d * NR).enumerate() {
+            for c in 0..NR.min(rows - p * NR) {
+                let row = &q[(p * NR + c) * d..(p * NR + c + 1) * d];
+                for (dd, &x) in row.iter().enumerate() {
+                    dst[dd * NR + c] = x;
+                }
+            }
+        }
+        let mut inv = [[0f32; NR]; QBLOCK / NR];
+        run(
+            s4,
+            #[inline(always)]
+            || {
+                let scale16 = s4.splat_f32x16(scale);
+                for p in 0..panels {
+                    let qpanel = &qt[p * d * NR..(p + 1) * d * NR];
+                    let spanel = &mut sc[p * lenp * NR..(p + 1) * lenp * NR];
+                    // 1. Scores, 8 keys at a time.
+                    for mp in 0..kmicro {
+                        let tile = kernel(s4, &kp[mp * d * MR..(mp + 1) * d * MR], qpanel);
+                        for (r, acc) in tile.iter().enumerate() {
+                            let row = &mut spanel[(mp * MR + r) * NR..(mp * MR + r + 1) * NR];
+                            for (j, v) in acc.iter().enumerate() {
+                                let a: [f32; 16] = pulp::cast(s4.mul_f32x16(*v, scale16));
+                                row[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                            }
+                        }
+                    }
+                    // 2. Softmax over the `len` valid keys, 48 queries at once.
+                    inv[p] = softmax_columns(s4, &mut spanel[..len * NR]);
+                }
+                // 3. O^T = V^T P, 8 dims x 48 queries per tile.
+                for p in 0..panels {
+                    let spanel = &sc[p * lenp * NR..p * lenp * NR + len * NR];
+                    let qrows = NR.min(rows - p * NR);
+                    for g in 0..d.div_ceil(MR) {
+                        let tile = kernel(s4, &vp[g * len * MR..(g + 1) * len * MR], spanel);
+                        let dims = MR.min(d - g * MR);
+                        for (r, acc) in tile.iter().enumerate().take(dims) {
+                            let mut t = [0f32; NR];
+                            for (j, v) in acc.iter().enumerate() {
+                                let a: [f32; 16] = pulp::cast(*v);
+                                t[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                            }
+                            for c in 0..qrows {
+                                out[(p * NR + c) * d + g * MR + r] = t[c] * inv[p][c];
+                            }
+                        }
+                    }
+                }
+            },
+        );
+    });
+}
+
+/// Softmax down the columns of `x` (`[j][48]`, j over keys): `x = exp(x - max)` in place;
+/// returns `1 / sum` per column.
+#[inline(always)]
+fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
+    let (rows, _) = x.as_chunks_mut::<NR>();
+    let mut max = [s4.splat_f32x16(f32::NEG_INFINITY); 3];
+    for row in rows.iter() {
+        let (v, _) = row.as_chunks::<16>();
+        for j in 0..3 {
+            max[j] = s4.max_f32x16(max[j], pulp::cast(v[j]));
+        }
+    }
+    let s3 = *s4;
+    let mut sum = [s4.splat_f32x16(0.0); 3];
+    for row in rows.iter_mut() {
+        let (v, _) = row.as_chunks_mut::<16>();
+        for j in 0..3 {
+            let t = s4.sub_f32x16(pulp::cast(v[j]), max[j]);
+            let [lo, hi]: [f32x8; 2] = pulp::cast(t);
+            let e: f32x16 = pulp::cast([simd::exp(s3, lo), simd::exp(s3, hi)]);
+            sum[j] = s4.add_f32x16(sum[j], e);
+            v[j] = pulp::cast(e);
+        }
+    }
+    let mut inv = [0f32; NR];
+    for j in 0..3 {
+        let a: [f32; 16] = pulp::cast(sum[j]);
+        for (l, &x) in a.iter().enumerate() {
+            inv[16 * j + l] = 1.0 / x;
+        }
+    }
+    inv
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::pipeline::kernels::dense::simd512;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+        lens: &[usize],
+        scale: f32,
+    ) -> Vec<f64> {
+        let Dims { b, h, hkv, s, d } = dims;
+        let mut out = vec![0f64; b * s * h * d];
+        for i in 0..b {
+            for hh in 0..h {
+                let kv = (i * hkv + hh / (h / hkv)) * s * d;
+                for r in 0..lens[i] {
+                    let qr = &q[((i * h + hh) * s + r) * d..][..d];
+                    let sc: Vec<f64> = (0..lens[i])
+                        .map(|j| {
+                            (0..d)
+                                .map(|x| qr[x] as f64 * k[kv + j * d + x] as f64)
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for x in 0..d {
+                        let o: f64 = (0..lens[i]).map(|j| e[j] * v[kv + j * d + x] as f64).sum();
+                        out[(i * s + r) * h * d + hh * d + x] = o / z;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_softmax_attention() {
+        let Some(s4) = simd512() else { return };
+        for &(b, h, hkv, s, d, ref lens) in &[
+            (1, 2, 2, 40, 16, vec![40]),
+            (2, 4, 2, 130, 66, vec![130, 57]),
+            (1, 1, 1, 200, 20, vec![200]),
+        ] {
+            let dims = Dims { b, h, hkv, s, d };
+            let q = data(b * h * s * d, 1);
+            let k = data(b * hkv * s * d, 2);
+            let v = data(b * hkv * s * d, 3);
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = attention(s4, &q, &k, &v, dims, lens, scale);
+            let want = reference(&q, &k, &v, dims, lens, scale);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() < 2e-5 * (1.0 + w.abs()),
+                    "{dims:?} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_item_does_not_depend_on_its_batch() {
+        let Some(s4) = simd512() else { return };
+        let (h, s, d) = (2, 100, 24);
+        let dims = Dims {
+            b: 2,
+            h,
+            hkv: h,
+            s,
+            d,
+        };
+        let (q, k, v) = (
+            data(2 * h * s * d, 4),
+            data(2 * h * s * d, 5),
+            data(2 * h * s * d, 6),
+        );
+        let both = attention(s4, &q, &k, &v, dims, &[100, 61], 0.2);
+        let n = h * s * d;
+        let one = Dims { b: 1, ..dims };
+        let second = attention(s4, &q[n..], &k[n..], &v[n..], one, &[61], 0.2);
+        assert_eq!(&both[s * h * d..], &second[..]);
+    }
+}
