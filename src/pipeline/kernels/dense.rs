@@ -191,7 +191,7 @@ impl PackedWeight {
                         let a: [f32; 16] = pulp::cast(v);
                         out[16 * j..16 * (j + 1)].copy_from_slice(&a);
                     }
-                    y[r * n + c0..r * n + c0 + cols].copy_from_slice(&out[..cols]);
+                    put(&mut y[r * n + c0..r * n + c0 + cols], &out);
                 }
             }
             Epilogue::SwiGlu => {
@@ -210,9 +210,22 @@ impl PackedWeight {
                         let u = simd::load(s3, &t, HALF + i);
                         simd::store(&mut out, i, s3.mul_f32x8(g, u));
                     }
-                    y[r * n + c0..r * n + c0 + cols].copy_from_slice(&out[..cols]);
+                    put(&mut y[r * n + c0..r * n + c0 + cols], &out);
                 }
             }
+        }
+    }
+}
+
+/// Copy the first `dst.len()` values of `src` into `dst`: a fixed-size (vector) copy when it is
+/// all of `src`, which it is for every panel but the last.
+#[inline(always)]
+fn put<const N: usize>(dst: &mut [f32], src: &[f32; N]) {
+    match dst.first_chunk_mut::<N>() {
+        Some(d) => *d = *src,
+        None => {
+            let n = dst.len();
+            dst.copy_from_slice(&src[..n]);
         }
     }
 }
@@ -223,9 +236,17 @@ fn pack_rows(x: &[f32], m: usize, k: usize, packed: &mut [f32]) {
     for (mp, dst) in packed.chunks_exact_mut(k * MR).enumerate() {
         let r0 = mp * MR;
         let rows = MR.min(m - r0);
-        if rows < MR {
-            dst.fill(0.0);
+        if rows == MR {
+            let src: [&[f32]; MR] = std::array::from_fn(|r| &x[(r0 + r) * k..(r0 + r + 1) * k]);
+            let (chunks, _) = dst.as_chunks_mut::<MR>();
+            for (kk, c) in chunks.iter_mut().enumerate() {
+                for r in 0..MR {
+                    c[r] = src[r][kk];
+                }
+            }
+            continue;
         }
+        dst.fill(0.0);
         for r in 0..rows {
             let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
             for (kk, &v) in src.iter().enumerate() {
