@@ -106,11 +106,14 @@ pub(crate) fn qk_norm_rope(
     out: &mut [f32],
 ) {
     let r = rms_inv(s, x, eps);
-    for (i, (&c, &sn)) in cos.iter().zip(sin).enumerate() {
-        let a = x[2 * i] * r * w[2 * i];
-        let b = x[2 * i + 1] * r * w[2 * i + 1];
-        out[2 * i] = a * c - b * sn;
-        out[2 * i + 1] = a * sn + b * c;
+    let (xs, _) = x.as_chunks::<2>();
+    let (ws, _) = w.as_chunks::<2>();
+    let (os, _) = out.as_chunks_mut::<2>();
+    for (((o, xp), wp), (&c, &sn)) in os.iter_mut().zip(xs).zip(ws).zip(cos.iter().zip(sin)) {
+        let a = xp[0] * r * wp[0];
+        let b = xp[1] * r * wp[1];
+        o[0] = a * c - b * sn;
+        o[1] = a * sn + b * c;
     }
 }
 
