@@ -1,4 +1,5 @@
-//! CPU attention kernel (f32): per (item, head, block of 64 queries), one GEMM for the scores,
+//! CPU attention (f32). On CPUs with AVX-512 it runs `kernels::cpu_attention`; elsewhere the
+//! portable path here: per (item, head, block of 64 queries), one GEMM for the scores,
 //! a row softmax, one GEMM for the output. The blocks run in parallel on the rayon pool, each
 //! GEMM single-threaded, so the small per-head products use every core; no (S, S) score matrix
 //! exists, only 64 rows of it per task. An item's result depends only on its own rows and
@@ -128,35 +129,16 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]
     Ok(&v[a..b])
 }
 
-impl CustomOp3 for CpuAttention {
-    fn name(&self) -> &'static str {
-        "diffusiond-cpu-attention"
-    }
-
-    /// q: (B, H, S, D), k/v: (B, Hkv, S, D), contiguous f32. Output (B, S, H*D), zero past each
-    /// item's length.
-    fn cpu_fwd(
+impl CpuAttention {
+    /// The same attention on any CPU: per (item, head, 64 queries), two single-threaded `gemm`
+    /// calls and a row softmax.
+    fn portable(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, s, d) = l1.shape().dims4()?;
-        let hkv = l2.shape().dims4()?.1;
-        if hkv == 0 || h % hkv != 0 || self.lens.len() != b {
-            candle_core::bail!("cpu attention: bad heads or lengths");
-        }
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        if q.len() != b * h * s * d || k.len() != b * hkv * s * d || v.len() != k.len() {
-            candle_core::bail!("cpu attention: q/k/v sizes do not fit");
-        }
-        let dims = (b, h, hkv, s, d);
-        if let Some(out) = kernels::cpu_attention(q, k, v, dims, &self.lens, self.scale) {
-            return Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))));
-        }
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (b, h, hkv, s, d): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<Vec<f32>> {
         let blocks = s.div_ceil(BLOCK);
         let tasks: Vec<(usize, usize, usize)> = (0..b)
             .flat_map(|i| (0..h).flat_map(move |hh| (0..blocks).map(move |bl| (i, hh, bl))))
@@ -203,13 +185,77 @@ impl CustomOp3 for CpuAttention {
                 out[at..at + d].copy_from_slice(src);
             }
         }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for CpuAttention {
+    fn name(&self) -> &'static str {
+        "diffusiond-cpu-attention"
+    }
+
+    /// q: (B, H, S, D), k/v: (B, Hkv, S, D), contiguous f32. Output (B, S, H*D), zero past each
+    /// item's length.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, s, d) = l1.shape().dims4()?;
+        let hkv = l2.shape().dims4()?.1;
+        if hkv == 0 || h % hkv != 0 || self.lens.len() != b {
+            candle_core::bail!("cpu attention: bad heads or lengths");
+        }
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        if q.len() != b * h * s * d || k.len() != b * hkv * s * d || v.len() != k.len() {
+            candle_core::bail!("cpu attention: q/k/v sizes do not fit");
+        }
+        let dims = (b, h, hkv, s, d);
+        if let Some(out) = kernels::cpu_attention(q, k, v, dims, &self.lens, self.scale) {
+            return Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))));
+        }
+        let out = self.portable(q, k, v, dims)?;
         Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_approx, softmax_rows};
+    #![allow(clippy::unwrap_used)]
+    use super::{exp_approx, softmax_rows, CpuAttention};
+    use crate::pipeline::kernels;
+
+    /// The AVX-512 kernel and the portable path agree (machines without AVX-512 take the latter).
+    #[test]
+    fn portable_path_matches_the_kernel() {
+        let (b, h, hkv, s, d) = (2, 4, 2, 150, 24);
+        let gen = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 250.0 - 2.0)
+                .collect()
+        };
+        let (q, k, v) = (
+            gen(b * h * s * d, 1),
+            gen(b * hkv * s * d, 2),
+            gen(b * hkv * s * d, 3),
+        );
+        let op = CpuAttention {
+            lens: vec![150, 71],
+            scale: 0.2,
+        };
+        let portable = op.portable(&q, &k, &v, (b, h, hkv, s, d)).unwrap();
+        let Some(fast) = kernels::cpu_attention(&q, &k, &v, (b, h, hkv, s, d), &op.lens, 0.2)
+        else {
+            return;
+        };
+        for (i, (a, c)) in portable.iter().zip(&fast).enumerate() {
+            assert!((a - c).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {a} vs {c}");
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {

@@ -64,7 +64,8 @@ impl SelfAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &StreamCtx) -> Result<Tensor> {
+    /// `fused`: take the one-pass q/k norm + RoPE kernel when the input allows it.
+    fn forward(&self, x: &Tensor, ctx: &StreamCtx, fused: bool) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let dtype = x.dtype();
         let (hq, hkv) = (
@@ -73,13 +74,18 @@ impl SelfAttention {
         );
         let qkv = self.qkv.forward(x)?;
         let heads = (self.n_heads, self.n_kv_heads, self.head_dim);
-        if let Some((q, k, v)) = qkv_norm_rope(
-            &qkv,
-            &self.norm_q,
-            &self.norm_k,
-            (&ctx.cos, &ctx.sin),
-            heads,
-        )? {
+        let prepared = if fused {
+            qkv_norm_rope(
+                &qkv,
+                &self.norm_q,
+                &self.norm_k,
+                (&ctx.cos, &ctx.sin),
+                heads,
+            )?
+        } else {
+            None
+        };
+        if let Some((q, k, v)) = prepared {
             let out = attention(&q, &k, &v, Some(&ctx.lens))?;
             return self.to_out.forward(&out);
         }
@@ -156,6 +162,11 @@ impl Block {
                 return Ok(y);
             }
         }
+        self.forward_plain(x, ctx, adaln)
+    }
+
+    /// The block with candle's ops, as the reference writes it (GPU, other dtypes, other CPUs).
+    fn forward_plain(&self, x: &Tensor, ctx: &StreamCtx, adaln: Option<&Tensor>) -> Result<Tensor> {
         match (&self.modulation, adaln) {
             (Some(m), Some(c)) => {
                 let mods = per_item(m, c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
@@ -166,7 +177,7 @@ impl Block {
                 let h = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
                 let h = self
                     .attention_norm2
-                    .forward(&self.attention.forward(&h, ctx)?)?;
+                    .forward(&self.attention.forward(&h, ctx, false)?)?;
                 let x = (x + h.broadcast_mul(&gate_msa)?)?;
                 let h = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
                 let h = self.ffn_norm2.forward(&self.feed_forward.forward(&h)?)?;
@@ -176,7 +187,7 @@ impl Block {
                 let h = self.attention_norm1.forward(x)?;
                 let h = self
                     .attention_norm2
-                    .forward(&self.attention.forward(&h, ctx)?)?;
+                    .forward(&self.attention.forward(&h, ctx, false)?)?;
                 let x = (x + h)?;
                 let h = self
                     .ffn_norm2
@@ -218,7 +229,7 @@ impl Block {
         let Some(h) = self.attention_norm1.try_norm_scale(x, part(0))? else {
             return Ok(None);
         };
-        let a = self.attention.forward(&h, ctx)?;
+        let a = self.attention.forward(&h, ctx, true)?;
         let Some(x) = self.attention_norm2.try_residual(x, &a, part(1))? else {
             return Ok(None);
         };
@@ -227,5 +238,95 @@ impl Block {
         };
         let f = self.feed_forward.forward(&h)?;
         Ok(self.ffn_norm2.try_residual(&x, &f, part(3))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::{Block, StreamCtx};
+    use crate::pipeline::z_image::config::TransformerConfig;
+    use crate::pipeline::z_image::rope::{image_positions, Rope};
+
+    fn weights(cfg: &TransformerConfig, dev: &Device) -> HashMap<String, Tensor> {
+        let (d, hd) = (cfg.dim, cfg.head_dim());
+        let (hq, hkv, ffn) = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_hidden());
+        let shapes: Vec<(&str, Vec<usize>)> = vec![
+            ("attention.to_q.weight", vec![hq, d]),
+            ("attention.to_k.weight", vec![hkv, d]),
+            ("attention.to_v.weight", vec![hkv, d]),
+            ("attention.to_out.0.weight", vec![d, hq]),
+            ("attention.norm_q.weight", vec![hd]),
+            ("attention.norm_k.weight", vec![hd]),
+            ("feed_forward.w1.weight", vec![ffn, d]),
+            ("feed_forward.w2.weight", vec![d, ffn]),
+            ("feed_forward.w3.weight", vec![ffn, d]),
+            ("attention_norm1.weight", vec![d]),
+            ("attention_norm2.weight", vec![d]),
+            ("ffn_norm1.weight", vec![d]),
+            ("ffn_norm2.weight", vec![d]),
+            ("adaLN_modulation.0.weight", vec![4 * d, cfg.adaln_dim()]),
+            ("adaLN_modulation.0.bias", vec![4 * d]),
+        ];
+        shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = Tensor::randn(0f32, 0.2, shape.as_slice(), dev).unwrap();
+                let t = if shape.len() == 1 {
+                    (t + 1.0).unwrap()
+                } else {
+                    t
+                };
+                (name.to_string(), t)
+            })
+            .collect()
+    }
+
+    /// The fused CPU passes (taken on every machine with AVX2) and candle's plain ops compute the
+    /// same block: keeps the path GPUs and other CPUs take honest.
+    #[test]
+    fn fused_cpu_path_matches_the_plain_ops() {
+        let dev = Device::Cpu;
+        let cfg: TransformerConfig = serde_json::from_str(
+            r#"{"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 4, "dim": 96,
+                "n_layers": 1, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+                "norm_eps": 1e-5, "qk_norm": true, "cap_feat_dim": 32, "rope_theta": 256.0,
+                "t_scale": 1000.0, "axes_dims": [8, 8, 8], "axes_lens": [64, 32, 32]}"#,
+        )
+        .unwrap();
+        let vb = VarBuilder::from_tensors(weights(&cfg, &dev), DType::F32, &dev);
+        let (b, s) = (2, 40);
+        let rope = Rope::new(cfg.rope_theta, &cfg.axes_dims, &cfg.axes_lens);
+        let (cos, sin) = rope.tables(&image_positions(5, 8, s, 32), &dev).unwrap();
+        let ctx = StreamCtx {
+            cos: Tensor::stack(&[&cos, &cos], 0).unwrap(),
+            sin: Tensor::stack(&[&sin, &sin], 0).unwrap(),
+            lens: vec![40, 33],
+        };
+        let x = Tensor::randn(0f32, 1.0, (b, s, cfg.dim), &dev).unwrap();
+        let adaln = Tensor::randn(0f32, 1.0, (b, cfg.adaln_dim()), &dev).unwrap();
+        for modulated in [true, false] {
+            let block = Block::new(&cfg, modulated, vb.clone()).unwrap();
+            let c = modulated.then_some(&adaln);
+            let fused = block.forward_fused(&x, &ctx, c).unwrap();
+            let Some(fused) = fused else { return };
+            let plain = block.forward_plain(&x, &ctx, c).unwrap();
+            let err = (fused - plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 2e-5, "modulated={modulated}: max abs diff {err}");
+        }
     }
 }
