@@ -20,7 +20,7 @@
 //! holds 24 columns of `w1` and the same 24 columns of `w3`, and the tile is written out as
 //! `silu(x w1) * (x w3)`, so the 2·hidden-wide intermediate never reaches memory.
 
-use pulp::{f32x16, x86::V4, NullaryFnOnce};
+use pulp::{f32x16, f32x8, x86::V4, NullaryFnOnce};
 use rayon::prelude::*;
 
 use super::simd::{self, with_scratch, LANES};
@@ -172,7 +172,9 @@ impl PackedWeight {
         });
     }
 
-    /// Write one tile's valid rows and columns into `y` (rows of `n`).
+    /// Write one tile's valid rows and columns into `y` (rows of `n`). Full panels are stored
+    /// vector by vector straight from the registers; only the last, partial panel of a row goes
+    /// through a staging array.
     #[inline(always)]
     fn emit(&self, s: V4, tile: &[[f32x16; NV]; MR], p: usize, rows: usize, y: &mut [f32]) {
         let n = self.n;
@@ -182,16 +184,23 @@ impl PackedWeight {
                 let cols = NR.min(n - c0);
                 let bias = self.bias.as_ref().map(|b| &b[c0..c0 + NR]);
                 for (r, acc) in tile.iter().take(rows).enumerate() {
-                    let mut out = [0f32; NR];
-                    for (j, v) in acc.iter().enumerate() {
-                        let v = match bias {
-                            Some(b) => s.add_f32x16(*v, load16(b, 16 * j)),
-                            None => *v,
-                        };
-                        let a: [f32; 16] = pulp::cast(v);
-                        out[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                    let v: [f32x16; NV] = std::array::from_fn(|j| match bias {
+                        Some(b) => s.add_f32x16(acc[j], load16(b, 16 * j)),
+                        None => acc[j],
+                    });
+                    let dst = &mut y[r * n + c0..r * n + c0 + cols];
+                    match dst.first_chunk_mut::<NR>() {
+                        Some(d) => {
+                            let (d, _) = d.as_chunks_mut::<16>();
+                            for j in 0..NV {
+                                d[j] = pulp::cast(v[j]);
+                            }
+                        }
+                        None => {
+                            let out: [f32; NR] = pulp::cast(v);
+                            dst.copy_from_slice(&out[..cols]);
+                        }
                     }
-                    put(&mut y[r * n + c0..r * n + c0 + cols], &out);
                 }
             }
             Epilogue::SwiGlu => {
@@ -199,33 +208,25 @@ impl PackedWeight {
                 let cols = HALF.min(n - c0);
                 let s3 = *s;
                 for (r, acc) in tile.iter().take(rows).enumerate() {
-                    let mut t = [0f32; NR];
-                    for (j, v) in acc.iter().enumerate() {
-                        let a: [f32; 16] = pulp::cast(*v);
-                        t[16 * j..16 * (j + 1)].copy_from_slice(&a);
+                    // Six 8-float halves: w1 columns are halves 0..3, w3 columns halves 3..6.
+                    let h: [f32x8; 2 * NV] = pulp::cast(*acc);
+                    let out: [f32x8; 3] =
+                        std::array::from_fn(|i| s3.mul_f32x8(simd::silu(s3, h[i]), h[3 + i]));
+                    let dst = &mut y[r * n + c0..r * n + c0 + cols];
+                    match dst.first_chunk_mut::<HALF>() {
+                        Some(d) => {
+                            let (d, _) = d.as_chunks_mut::<LANES>();
+                            for i in 0..3 {
+                                d[i] = pulp::cast(out[i]);
+                            }
+                        }
+                        None => {
+                            let o: [f32; HALF] = pulp::cast(out);
+                            dst.copy_from_slice(&o[..cols]);
+                        }
                     }
-                    let mut out = [0f32; HALF];
-                    for i in (0..HALF).step_by(LANES) {
-                        let g = simd::silu(s3, simd::load(s3, &t, i));
-                        let u = simd::load(s3, &t, HALF + i);
-                        simd::store(&mut out, i, s3.mul_f32x8(g, u));
-                    }
-                    put(&mut y[r * n + c0..r * n + c0 + cols], &out);
                 }
             }
-        }
-    }
-}
-
-/// Copy the first `dst.len()` values of `src` into `dst`: a fixed-size (vector) copy when it is
-/// all of `src`, which it is for every panel but the last.
-#[inline(always)]
-fn put<const N: usize>(dst: &mut [f32], src: &[f32; N]) {
-    match dst.first_chunk_mut::<N>() {
-        Some(d) => *d = *src,
-        None => {
-            let n = dst.len();
-            dst.copy_from_slice(&src[..n]);
         }
     }
 }
