@@ -15,13 +15,15 @@
 //! depends only on its own query, the item's keys and values, and the kernel, so attention is
 //! bit-identical for an item alone or in a batch.
 
-use pulp::{f32x16, f32x8, x86::V4};
+use pulp::{f32x16, x86::V4, Simd};
 use rayon::prelude::*;
 
 use super::dense::{kernel, run, MR, NR};
 use super::simd;
 
-/// Queries per task: two panels.
+/// Queries per task (one panel): 6 tasks per item at 288 tokens keep two cores balanced.
+const TASK_ROWS: usize = NR;
+/// Queries one `block` call takes at most: two panels.
 const QBLOCK: usize = 2 * NR;
 
 /// Shapes of one call: batch, query heads, kv heads, padded sequence, head dim.
@@ -59,40 +61,40 @@ pub(crate) fn attention(
             )
         })
         .collect();
-    let tasks: Vec<(usize, usize, usize)> = (0..b)
-        .flat_map(|i| (0..h).flat_map(move |hh| (0..s.div_ceil(QBLOCK)).map(move |qb| (i, hh, qb))))
-        .filter(|&(i, _, qb)| qb * QBLOCK < lens[i].min(s))
-        .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(i, hh, qb)| {
+    // One task per (item, block of queries), all heads: each task owns a contiguous range of
+    // output rows, so results are written in place.
+    let row = h * d;
+    let mut out = vec![0f32; b * s * row];
+    out.par_chunks_mut(s * row)
+        .enumerate()
+        .for_each(|(i, item_out)| {
             let len = lens[i].min(s);
-            let q0 = qb * QBLOCK;
-            let rows = QBLOCK.min(len - q0);
-            let qbase = ((i * h + hh) * s + q0) * d;
-            let (kp, vp) = &packed[i * hkv + hh / groups];
-            let mut out = vec![0f32; rows * d];
-            block(
-                s4,
-                &q[qbase..qbase + rows * d],
-                kp,
-                vp,
-                len,
-                d,
-                scale,
-                &mut out,
-            );
-            out
-        })
-        .collect();
-    let mut out = vec![0f32; b * s * h * d];
-    for (&(i, hh, qb), res) in tasks.iter().zip(&results) {
-        for (r, src) in res.chunks_exact(d).enumerate() {
-            let at = (i * s + qb * QBLOCK + r) * h * d + hh * d;
-            out[at..at + d].copy_from_slice(src);
-        }
-    }
+            item_out[..len * row]
+                .par_chunks_mut(TASK_ROWS * row)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    let rows = chunk.len() / row;
+                    for hh in 0..h {
+                        let qbase = ((i * h + hh) * s + t * TASK_ROWS) * d;
+                        let (kp, vp) = &packed[i * hkv + hh / groups];
+                        let q_rows = &q[qbase..qbase + rows * d];
+                        let dst = Out {
+                            data: &mut *chunk,
+                            stride: row,
+                            col: hh * d,
+                        };
+                        block(s4, q_rows, kp, vp, len, d, scale, dst);
+                    }
+                });
+        });
     out
+}
+
+/// Where a block's `(rows, d)` result goes: row `r`, dim `x` at `data[r * stride + col + x]`.
+struct Out<'a> {
+    data: &'a mut [f32],
+    stride: usize,
+    col: usize,
 }
 
 /// Keys `(len, d)` -> micro-panels of 8 keys, `[d][8]` each, zero-padded.
@@ -122,7 +124,7 @@ fn pack_values(v: &[f32], len: usize, d: usize) -> Vec<f32> {
 }
 
 /// One block of `rows` (<= 96) queries `q (rows, d)` against packed keys and values of `len`
-/// positions; writes `out (rows, d)`.
+/// positions; writes its `(rows, d)` result into `out`.
 #[allow(clippy::too_many_arguments)]
 fn block(
     s4: V4,
@@ -132,9 +134,10 @@ fn block(
     len: usize,
     d: usize,
     scale: f32,
-    out: &mut [f32],
+    out: Out<'_>,
 ) {
     let rows = q.len() / d;
+    let Out { data, stride, col } = out;
     let panels = rows.div_ceil(NR);
     let kmicro = len.div_ceil(MR);
     let lenp = kmicro * MR;
@@ -188,7 +191,7 @@ fn block(
                                 t[16 * j..16 * (j + 1)].copy_from_slice(&a);
                             }
                             for c in 0..qrows {
-                                out[(p * NR + c) * d + g * MR + r] = t[c] * inv[p][c];
+                                data[(p * NR + c) * stride + col + g * MR + r] = t[c] * inv[p][c];
                             }
                         }
                     }
@@ -210,14 +213,11 @@ fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
             max[j] = s4.max_f32x16(max[j], pulp::cast(v[j]));
         }
     }
-    let s3 = *s4;
     let mut sum = [s4.splat_f32x16(0.0); 3];
     for row in rows.iter_mut() {
         let (v, _) = row.as_chunks_mut::<16>();
         for j in 0..3 {
-            let t = s4.sub_f32x16(pulp::cast(v[j]), max[j]);
-            let [lo, hi]: [f32x8; 2] = pulp::cast(t);
-            let e: f32x16 = pulp::cast([simd::exp(s3, lo), simd::exp(s3, hi)]);
+            let e = exp16(s4, s4.sub_f32x16(pulp::cast(v[j]), max[j]));
             sum[j] = s4.add_f32x16(sum[j], e);
             v[j] = pulp::cast(e);
         }
@@ -230,6 +230,35 @@ fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
         }
     }
     inv
+}
+
+/// `exp(x)` on 16 lanes, to about 1 ulp: the same Cephes polynomial as `simd::exp` (range
+/// reduction `x = n ln2 + r`, `2^n` through the exponent bits), in one AVX-512 pass instead of
+/// two AVX2 halves. The softmax's exponentials cost as much as its two GEMMs at head_dim 66.
+#[inline(always)]
+fn exp16(s: V4, x: f32x16) -> f32x16 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = s.min_f32s(s.max_f32s(x, s.splat_f32s(-87.3)), s.splat_f32s(88.7));
+    // n = round(x log2 e), as floor(x log2 e + 1/2).
+    let n = s.floor_f32x16(s.mul_add_f32s(x, s.splat_f32s(LOG2E), s.splat_f32s(0.5)));
+    let r = s.mul_add_f32s(n, s.splat_f32s(-LN2_HI), x);
+    let r = s.mul_add_f32s(n, s.splat_f32s(-LN2_LO), r);
+    let mut p = s.splat_f32s(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = s.mul_add_f32s(p, r, s.splat_f32s(c));
+    }
+    let y = s.add_f32s(s.mul_add_f32s(p, s.mul_f32s(r, r), r), s.splat_f32s(1.0));
+    let e = s.add_i32s(s.convert_f32x16_to_i32x16(n), s.splat_i32s(127));
+    let scale: f32x16 = pulp::cast(s.shl_const_i32x16::<23>(e));
+    s.mul_f32s(y, scale)
 }
 
 #[cfg(test)]
@@ -280,6 +309,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn exp16_is_accurate() {
+        let Some(s4) = simd512() else { return };
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.0011);
+            let got: [f32; 16] = run(s4, || pulp::cast(exp16(s4, pulp::cast(xs))));
+            for (g, v) in got.iter().zip(xs) {
+                let want = v.exp();
+                assert!(
+                    ((g - want) / want).abs() < 4e-7,
+                    "exp({v}) = {g}, want {want}"
+                );
+            }
+            x += 0.0137 * 16.0;
+        }
     }
 
     #[test]
