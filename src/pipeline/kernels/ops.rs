@@ -524,6 +524,19 @@ impl CustomOp3 for QkvPrepOp<'_> {
         {
             bail!("qkv prep: shapes do not fit ({b}, {seq}, {width})")
         }
+        // The rotary tables spread over each position's d values, once for all heads.
+        let (mut cos2, mut sin2) = (vec![0f32; b * seq * d], vec![0f32; b * seq * d]);
+        for (t, (c2, s2)) in cos2
+            .chunks_exact_mut(d)
+            .zip(sin2.chunks_exact_mut(d))
+            .enumerate()
+        {
+            let (c, sn) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            rows::expand_rope(c, sn, c2, s2);
+        }
         let mut out = vec![0f32; qkv.len()];
         // Plane p (S x D, contiguous in `out`): q planes (item, head), then k, then v.
         out.par_chunks_mut(seq * d)
@@ -547,8 +560,8 @@ impl CustomOp3 for QkvPrepOp<'_> {
                             let src = &qkv[row..row + d];
                             match norm {
                                 Some(w) => {
-                                    let t = (item * seq + r) * half;
-                                    let (c, sn) = (&cos[t..t + half], &sin[t..t + half]);
+                                    let t = (item * seq + r) * d;
+                                    let (c, sn) = (&cos2[t..t + d], &sin2[t..t + d]);
                                     rows::qk_norm_rope(s, src, w, c, sn, self.eps, dst);
                                 }
                                 None => dst.copy_from_slice(src),

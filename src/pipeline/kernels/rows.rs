@@ -93,27 +93,48 @@ pub(crate) fn residual(
     }
 }
 
+/// The rotary tables of one position spread over a head's `d` values, for [`qk_norm_rope`]:
+/// `cos2[2i] = cos2[2i+1] = cos[i]`, `sin2[2i] = -sin[i]`, `sin2[2i+1] = sin[i]`.
+pub(crate) fn expand_rope(cos: &[f32], sin: &[f32], cos2: &mut [f32], sin2: &mut [f32]) {
+    for (i, (&c, &sn)) in cos.iter().zip(sin).enumerate() {
+        cos2[2 * i] = c;
+        cos2[2 * i + 1] = c;
+        sin2[2 * i] = -sn;
+        sin2[2 * i + 1] = sn;
+    }
+}
+
 /// One head vector: RMSNorm with weight `w`, then rotate pairs `(2i, 2i+1)` by the angle whose
-/// cosine and sine are `cos[i]`, `sin[i]` (candle's `rope_i`, the reference's complex product).
+/// cosine and sine are spread in `cos2`, `sin2` ([`expand_rope`]): `out = n cos2 + swap(n) sin2`
+/// with `swap` exchanging the two values of each pair (candle's `rope_i`, the reference's
+/// complex product).
 #[inline(always)]
 pub(crate) fn qk_norm_rope(
     s: V3,
     x: &[f32],
     w: &[f32],
-    cos: &[f32],
-    sin: &[f32],
+    cos2: &[f32],
+    sin2: &[f32],
     eps: f32,
     out: &mut [f32],
 ) {
     let r = rms_inv(s, x, eps);
-    let (xs, _) = x.as_chunks::<2>();
-    let (ws, _) = w.as_chunks::<2>();
-    let (os, _) = out.as_chunks_mut::<2>();
-    for (((o, xp), wp), (&c, &sn)) in os.iter_mut().zip(xs).zip(ws).zip(cos.iter().zip(sin)) {
-        let a = xp[0] * r * wp[0];
-        let b = xp[1] * r * wp[1];
-        o[0] = a * c - b * sn;
-        o[1] = a * sn + b * c;
+    let rv = s.splat_f32x8(r);
+    let d = x.len();
+    let mut i = 0;
+    while i + LANES <= d {
+        let n = s.mul_f32x8(s.mul_f32x8(load(s, x, i), rv), load(s, w, i));
+        let swapped: f32x8 = pulp::cast(s.avx._mm256_permute_ps::<0b10_11_00_01>(pulp::cast(n)));
+        let v = s.mul_add_f32x8(swapped, load(s, sin2, i), s.mul_f32x8(n, load(s, cos2, i)));
+        store(out, i, v);
+        i += LANES;
+    }
+    while i + 1 < d {
+        let a = x[i] * r * w[i];
+        let b = x[i + 1] * r * w[i + 1];
+        out[i] = a * cos2[i] + b * sin2[i];
+        out[i + 1] = b * cos2[i + 1] + a * sin2[i + 1];
+        i += 2;
     }
 }
 
@@ -155,8 +176,10 @@ mod tests {
         let d = 36;
         let cos: Vec<f32> = (0..d / 2).map(|i| (i as f32).cos()).collect();
         let sin: Vec<f32> = (0..d / 2).map(|i| (i as f32).sin()).collect();
+        let (mut cos2, mut sin2) = (vec![0f32; d], vec![0f32; d]);
+        expand_rope(&cos, &sin, &mut cos2, &mut sin2);
         run(s, || {
-            qk_norm_rope(s, &x[..d], &w[..d], &cos, &sin, 1e-5, &mut out[..d])
+            qk_norm_rope(s, &x[..d], &w[..d], &cos2, &sin2, 1e-5, &mut out[..d])
         });
         let r = {
             let m = x[..d].iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / d as f64;
