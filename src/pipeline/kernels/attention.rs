@@ -237,23 +237,19 @@ fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
 /// two AVX2 halves. The softmax's exponentials cost as much as its two GEMMs at head_dim 66.
 #[inline(always)]
 fn exp16(s: V4, x: f32x16) -> f32x16 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = s.min_f32s(s.max_f32s(x, s.splat_f32s(-87.3)), s.splat_f32s(88.7));
+    use simd::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
+    let x = s.min_f32s(
+        s.max_f32s(x, s.splat_f32s(EXP_RANGE.0)),
+        s.splat_f32s(EXP_RANGE.1),
+    );
     // n = round(x log2 e), as floor(x log2 e + 1/2).
-    let n = s.floor_f32x16(s.mul_add_f32s(x, s.splat_f32s(LOG2E), s.splat_f32s(0.5)));
+    let log2e = s.splat_f32s(std::f32::consts::LOG2_E);
+    let n = s.floor_f32x16(s.mul_add_f32s(x, log2e, s.splat_f32s(0.5)));
     let r = s.mul_add_f32s(n, s.splat_f32s(-LN2_HI), x);
     let r = s.mul_add_f32s(n, s.splat_f32s(-LN2_LO), r);
-    let mut p = s.splat_f32s(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = s.mul_add_f32s(p, r, s.splat_f32s(c));
+    let mut p = s.splat_f32s(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = s.mul_add_f32s(p, r, s.splat_f32s(*c));
     }
     let y = s.add_f32s(s.mul_add_f32s(p, s.mul_f32s(r, r), r), s.splat_f32s(1.0));
     let e = s.add_i32s(s.convert_f32x16_to_i32x16(n), s.splat_i32s(127));
@@ -268,11 +264,7 @@ mod tests {
     use crate::pipeline::kernels::dense::simd512;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0
-            })
-            .collect()
+        crate::pipeline::kernels::simd::test_data(len, seed, 2.0)
     }
 
     fn reference(

@@ -20,7 +20,7 @@
 //! holds 24 columns of `w1` and the same 24 columns of `w3`, and the tile is written out as
 //! `silu(x w1) * (x w3)`, so the 2·hidden-wide intermediate never reaches memory.
 
-use pulp::{f32x16, f32x8, x86::V4, NullaryFnOnce};
+use pulp::{f32x16, f32x8, x86::V4};
 use rayon::prelude::*;
 
 use super::simd::{self, with_scratch, LANES};
@@ -290,18 +290,7 @@ pub(crate) fn kernel(s: V4, a: &[f32], b: &[f32]) -> [[f32x16; NV]; MR] {
 /// Run `f` with AVX-512 enabled for everything inlined into it (see `simd::run`).
 #[inline(always)]
 pub(crate) fn run<R>(s: V4, f: impl FnMut() -> R) -> R {
-    s.vectorize(Vectorized(f))
-}
-
-struct Vectorized<F>(F);
-
-impl<R, F: FnMut() -> R> NullaryFnOnce for Vectorized<F> {
-    type Output = R;
-
-    #[inline(always)]
-    fn call(mut self) -> R {
-        (self.0)()
-    }
+    s.vectorize(simd::Vectorized(f))
 }
 
 #[cfg(test)]
@@ -310,11 +299,7 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
+        crate::pipeline::kernels::simd::test_data(len, seed, 1.0)
     }
 
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {

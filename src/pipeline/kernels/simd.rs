@@ -49,7 +49,8 @@ pub(crate) fn run<R>(s: V3, f: impl FnMut() -> R) -> R {
     s.vectorize(Vectorized(f))
 }
 
-struct Vectorized<F>(F);
+/// A closure as pulp's `NullaryFnOnce`, for the `vectorize` of any instruction-set token.
+pub(crate) struct Vectorized<F>(pub F);
 
 impl<R, F: FnMut() -> R> NullaryFnOnce for Vectorized<F> {
     type Output = R;
@@ -78,25 +79,45 @@ pub(crate) fn store(dst: &mut [f32], i: usize, v: f32x8) {
     }
 }
 
+/// `ln 2` split in two for an exact range reduction `r = x - n ln2`.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes `expf` polynomial in `r`, highest degree first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+/// Inputs are clamped to this range (outside it `expf` under- or overflows).
+pub(crate) const EXP_RANGE: (f32, f32) = (-87.3, 88.7);
+
+/// Deterministic test inputs in `[-scale, scale)`.
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let u = (i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000;
+            (u as f32 / 500.0 - 1.0) * scale
+        })
+        .collect()
+}
+
 /// `exp(x)` to about 1 ulp (Cephes `expf` polynomial, FMA Horner, 2^n by exponent bits).
 #[inline(always)]
 pub(crate) fn exp(s: V3, x: f32x8) -> f32x8 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = s.min_f32s(s.max_f32s(x, s.splat_f32x8(-87.3)), s.splat_f32x8(88.7));
-    let n = s.round_f32x8(s.mul_f32s(x, s.splat_f32x8(LOG2E)));
+    let x = s.min_f32s(
+        s.max_f32s(x, s.splat_f32x8(EXP_RANGE.0)),
+        s.splat_f32x8(EXP_RANGE.1),
+    );
+    let n = s.round_f32x8(s.mul_f32s(x, s.splat_f32x8(std::f32::consts::LOG2_E)));
     let r = s.mul_add_f32x8(n, s.splat_f32x8(-LN2_HI), x);
     let r = s.mul_add_f32x8(n, s.splat_f32x8(-LN2_LO), r);
-    let mut p = s.splat_f32x8(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = s.mul_add_f32x8(p, r, s.splat_f32x8(c));
+    let mut p = s.splat_f32x8(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = s.mul_add_f32x8(p, r, s.splat_f32x8(*c));
     }
     let r2 = s.mul_f32s(r, r);
     let y = s.add_f32s(s.mul_add_f32x8(p, r2, r), s.splat_f32x8(1.0));
