@@ -73,11 +73,7 @@ impl Conv2d {
     ) -> Result<Tensor> {
         #[cfg(target_arch = "x86_64")]
         if let Some(conv) = &self.fast {
-            let pre_fast = match pre {
-                Some(n) => n.fast.as_ref().map(Some),
-                None => Some(None),
-            };
-            if let Some(pre_fast) = pre_fast {
+            if let Some(pre_fast) = fast_pre(pre) {
                 if let Some(y) = conv.try_forward(x, pre_fast, upsample, residual)? {
                     return Ok(y);
                 }
@@ -99,6 +95,16 @@ impl Conv2d {
     }
 }
 
+/// The fast form of a convolution's optional pre-norm: `Some(None)` without one, `None` when the
+/// norm has no fast path (the convolution then takes candle's ops too).
+#[cfg(target_arch = "x86_64")]
+fn fast_pre(pre: Option<&GroupNorm>) -> Option<Option<&ops::FastNorm>> {
+    match pre {
+        Some(n) => n.fast.as_ref().map(Some),
+        None => Some(None),
+    }
+}
+
 impl Conv2d {
     /// `residual + conv(pre(x))` like [`Conv2d::forward_fused`], computed in `residual`'s own
     /// storage when the fast path runs: the caller gives the residual up (it, and any clone of
@@ -111,11 +117,7 @@ impl Conv2d {
     ) -> Result<Tensor> {
         #[cfg(target_arch = "x86_64")]
         if let Some(conv) = &self.fast {
-            let pre_fast = match pre {
-                Some(n) => n.fast.as_ref().map(Some),
-                None => Some(None),
-            };
-            if let Some(pre_fast) = pre_fast {
+            if let Some(pre_fast) = fast_pre(pre) {
                 if conv.try_forward_into(x, pre_fast, &residual)? {
                     return Ok(residual);
                 }

@@ -127,9 +127,8 @@ impl Dense {
 
 /// The FFN's first half: `silu(x W1) * (x W3)` (no biases).
 pub struct SwiGlu {
-    packed: Option<PackedDense>,
-    /// `w1 | w3` as `(in, 2 * hidden)` when not packed.
-    plain: Option<Tensor>,
+    /// Packed with the SwiGLU epilogue, or `w1 | w3` as `(in, 2 * hidden)`.
+    weight: Weight,
     hidden: usize,
 }
 
@@ -145,30 +144,30 @@ impl SwiGlu {
         let w1 = vb.get((hidden, in_dim), &format!("{gate}.weight"))?;
         let w3 = vb.get((hidden, in_dim), &format!("{up}.weight"))?;
         let packed = PackedDense::prepare_swiglu(&w1.t()?.contiguous()?, &w3.t()?.contiguous()?)?;
-        let plain = match packed {
-            Some(_) => None,
-            None => Some(Tensor::cat(&[w1, w3], 0)?.t()?.contiguous()?),
+        let weight = match packed {
+            Some(p) => Weight::Packed(p),
+            None => Weight::Plain {
+                w: Tensor::cat(&[w1, w3], 0)?.t()?.contiguous()?,
+                b: None,
+            },
         };
-        Ok(Self {
-            packed,
-            plain,
-            hidden,
-        })
+        Ok(Self { weight, hidden })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (x2, out_dims) = flatten(x, self.hidden)?;
-        if let Some(p) = &self.packed {
-            if let Some(y) = p.try_forward(&x2)? {
-                return Ok(y.reshape(out_dims)?);
+        let y = match &self.weight {
+            Weight::Packed(p) => match p.try_forward(&x2)? {
+                Some(y) => y,
+                None => return Err(unpacked_input(x)),
+            },
+            Weight::Plain { w, .. } => {
+                let h = x2.matmul(w)?;
+                let g = h.narrow(D::Minus1, 0, self.hidden)?;
+                let u = h.narrow(D::Minus1, self.hidden, self.hidden)?;
+                (candle_nn::ops::silu(&g)? * u)?
             }
-        }
-        let Some(w) = &self.plain else {
-            return Err(unpacked_input(x));
         };
-        let h = x2.matmul(w)?;
-        let g = h.narrow(D::Minus1, 0, self.hidden)?;
-        let u = h.narrow(D::Minus1, self.hidden, self.hidden)?;
-        Ok((candle_nn::ops::silu(&g)? * u)?.reshape(out_dims)?)
+        Ok(y.reshape(out_dims)?)
     }
 }
