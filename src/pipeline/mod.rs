@@ -6,6 +6,7 @@
 pub mod denoise;
 pub mod device;
 pub mod error;
+pub mod family;
 pub mod image;
 pub mod kernels;
 pub mod load;

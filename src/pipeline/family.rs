@@ -1,0 +1,95 @@
+//! The model seam: the one small interface every model family implements. The step loop
+//! ([`super::denoise`]) and the scheduler drive any family through it and never name one.
+//!
+//! A family owns its prompt encoding, its latent layout, its transformer and its decoder; the
+//! schedule arithmetic, Euler and CFG stay shared pure functions ([`super::sampler`]). Every
+//! family computes an item's output from that item alone, so batching never changes an image.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::Result;
+use super::image::RgbImage;
+
+/// How a family combines the positive and negative predictions of a guided step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CfgRule {
+    /// `pos + g (pos - neg)`, on iff `g > 0` (Z-Image).
+    PositivePlus,
+    /// `neg + g (pos - neg)`, on iff `g > 1` (FLUX.2 base checkpoints).
+    NegativePlus,
+}
+
+impl CfgRule {
+    /// Whether a request's guidance scale turns CFG on under this rule.
+    pub fn active(self, scale: f32) -> bool {
+        match self {
+            CfgRule::PositivePlus => scale > 0.0,
+            CfgRule::NegativePlus => scale > 1.0,
+        }
+    }
+}
+
+/// Fixed facts of a loaded family.
+#[derive(Debug, Clone)]
+pub struct FamilyInfo {
+    /// `z-image`, `flux2-klein`: the catalog's `family` spelling.
+    pub family: &'static str,
+    /// Width and height must be multiples of this (VAE factor x patch).
+    pub size_multiple: usize,
+    /// Model evaluations when a request names none.
+    pub default_steps: usize,
+    /// Prompts are cut at this many tokens (after the chat template).
+    pub max_sequence_length: usize,
+    /// `None`: a distilled checkpoint; a guidance scale is accepted and ignored.
+    pub cfg: Option<CfgRule>,
+}
+
+impl FamilyInfo {
+    /// Whether CFG runs for a request with this guidance scale.
+    pub fn cfg_active(&self, scale: f32) -> bool {
+        self.cfg.is_some_and(|r| r.active(scale))
+    }
+}
+
+/// Prompt-only work of one request (text features and whatever of the model depends on the
+/// prompt alone), computed once and shared by every image and step of the request.
+#[derive(Clone)]
+pub struct Conditioning {
+    pub positive: Tensor,
+    /// Present iff CFG is on.
+    pub negative: Option<Tensor>,
+}
+
+/// One item's input to a batched model evaluation.
+pub struct ModelInput<'a> {
+    /// The item's current latent (f32, the family's layout, as made by
+    /// [`Family::initial_latent`]).
+    pub latent: &'a Tensor,
+    /// One of the tensors of a [`Conditioning`].
+    pub cond: &'a Tensor,
+    /// The sigma of this step (the schedule's value, before the family's time mapping).
+    pub sigma: f32,
+}
+
+/// A loaded pipeline of one family on one device.
+pub trait Family: Send {
+    fn info(&self) -> &FamilyInfo;
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+    /// Bytes of weights this pipeline holds on its device.
+    fn weight_bytes(&self) -> u64;
+    /// Check a size: positive multiples of [`FamilyInfo::size_multiple`] (or the family's own
+    /// rule), with a clear message otherwise.
+    fn check_size(&self, width: usize, height: usize) -> Result<()>;
+    /// Encode a prompt, and the negative prompt when `negative` is given (CFG on).
+    fn encode(&self, prompt: &str, negative: Option<&str>) -> Result<Conditioning>;
+    /// The `steps + 1` sigmas of a run at this image size, ending at 0.
+    fn sigmas(&self, steps: usize, width: usize, height: usize) -> Result<Vec<f32>>;
+    /// The starting latent of one image, from its seed alone (f32, on the device).
+    fn initial_latent(&self, seed: u64, width: usize, height: usize) -> Result<Tensor>;
+    /// One batched model evaluation: per item, the velocity `v` (f32, the latent's layout) with
+    /// `x_next = x + (sigma_next - sigma) v`.
+    fn velocity(&self, items: &[ModelInput<'_>]) -> Result<Vec<Tensor>>;
+    /// Decode final latents (one per image) to RGB.
+    fn decode(&self, latents: &[&Tensor]) -> Result<Vec<RgbImage>>;
+}
