@@ -93,3 +93,14 @@ pub trait Family: Send {
     /// Decode final latents (one per image) to RGB.
     fn decode(&self, latents: &[&Tensor]) -> Result<Vec<RgbImage>>;
 }
+
+/// How to load a pipeline of any family.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// Keep the text encoder in host memory (f32, run on the CPU).
+    pub offload_text_encoder: bool,
+    /// Cut prompts at this many tokens instead of the family's default.
+    pub max_sequence_length: Option<usize>,
+}
