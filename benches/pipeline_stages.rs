@@ -9,10 +9,9 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use diffusiond::pipeline::image::to_rgb8;
-use diffusiond::pipeline::{Guidance, ModelFiles, WeightSource, ZImage};
+use diffusiond::pipeline::{self, DeviceSpec, Family, Guidance, RunOptions, WeightSource};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -93,6 +92,17 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Load a model directory of any family (from its `model_index.json`) on the CPU in f32.
+fn common_load(dir: &str) -> Box<dyn Family> {
+    let opts = RunOptions {
+        device: DeviceSpec::Cpu,
+        ..RunOptions::default()
+    }
+    .open()
+    .expect("cpu");
+    pipeline::load(&WeightSource::Local(dir.into()), None, &opts).expect("load")
+}
+
 fn main() {
     diffusiond::pipeline::device::init_cpu_runtime();
     let a = parse();
@@ -100,8 +110,8 @@ fn main() {
         eprintln!("pipeline_stages: pass --model DIR (or set DIFFUSIOND_BENCH_MODEL); skipping");
         return;
     }
-    let files = ModelFiles::open(&WeightSource::Local(a.model.clone().into())).expect("model");
-    let model = ZImage::load(&files, &Device::Cpu, DType::F32).expect("load");
+    let model = common_load(&a.model);
+    let model = model.as_ref();
     let spec = |seed: u64| GenerateSpec {
         prompt: PROMPT.into(),
         negative_prompt: String::new(),
@@ -115,13 +125,13 @@ fn main() {
     for r in 0..a.warmup + a.runs {
         let s = spec(r as u64);
         let t0 = Instant::now();
-        let cond = model.condition(&s).expect("encode");
+        let cond = denoise::condition(model, &s).expect("encode");
         let t_te = t0.elapsed().as_secs_f64();
-        let mut items = model.items(&s, &cond).expect("items");
+        let mut items = denoise::items(model, &s, &cond).expect("items");
         let t1 = Instant::now();
         while items.iter().any(|i| !i.is_done()) {
             let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
-            denoise::step(&model, &mut refs).expect("step");
+            denoise::step(model, &mut refs).expect("step");
         }
         let t_step = t1.elapsed().as_secs_f64() / a.steps as f64;
         if a.skip_vae {
@@ -129,11 +139,9 @@ fn main() {
             continue;
         }
         let latents: Vec<&Tensor> = items.iter().map(|i| i.latent()).collect();
-        let batch = Tensor::stack(&latents, 0).expect("stack");
         let t2 = Instant::now();
-        let decoded = model.decode(&batch).expect("decode");
+        let images = model.decode(&latents).expect("decode");
         let t_vae = t2.elapsed().as_secs_f64();
-        let images = to_rgb8(&decoded).expect("rgb");
         let t_total = t0.elapsed().as_secs_f64();
         assert_eq!(images.len(), a.num_images);
         eprintln!("run {r}: text {t_te:.3}s step {t_step:.3}s vae {t_vae:.3}s total {t_total:.3}s");

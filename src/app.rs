@@ -8,13 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::accounts::{Accounts, KeyInfo, NewKey};
-use crate::catalog::Catalog;
-use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs};
+use crate::catalog::{Catalog, Pipeline};
+use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs, WeightsOverride};
 use crate::http::{self, AppState, PublicUrl};
 use crate::infer::{AuthPolicy, Facade, Generator};
-use crate::scheduler::{
-    self, Job, PipelineConfig, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
-};
+use crate::scheduler::{self, Job, SchedulerConfig, SchedulerHandle, SubmitError, Ticket};
 use crate::store::FileStore;
 
 impl Generator for SchedulerHandle {
@@ -39,38 +37,32 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn load_catalog(path: Option<&std::path::Path>) -> anyhow::Result<Catalog> {
+pub fn load_catalog(path: Option<&std::path::Path>) -> anyhow::Result<Catalog> {
     Ok(match path {
         Some(p) => Catalog::from_file(p)?,
         None => Catalog::builtin()?,
     })
 }
 
-/// The pipelines the catalog uses, with `--weights NAME=SOURCE` overriding their sources.
-fn pipeline_configs(
+/// The pipelines the catalog uses, in the order its models first name them (the first is the
+/// one loaded at start), with `--weights NAME=SOURCE` overriding their sources.
+pub fn pipeline_configs(
     catalog: &Catalog,
-    overrides: &[String],
-) -> anyhow::Result<Vec<PipelineConfig>> {
-    let mut configs: Vec<PipelineConfig> = catalog
-        .used_pipelines()
-        .into_iter()
-        .map(|p| PipelineConfig {
-            name: p.name.clone(),
-            source: p.weights.clone(),
-        })
-        .collect();
+    overrides: &[WeightsOverride],
+) -> anyhow::Result<Vec<Pipeline>> {
+    let mut configs: Vec<Pipeline> = catalog.used_pipelines().into_iter().cloned().collect();
     for o in overrides {
-        let Some((name, source)) = o.split_once('=') else {
-            bail!("--weights '{o}': expected PIPELINE=SOURCE");
-        };
-        let Some(c) = configs.iter_mut().find(|c| c.name == name) else {
+        let Some(c) = configs.iter_mut().find(|c| c.name == o.pipeline) else {
             let known: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
             bail!(
-                "--weights '{o}': no model of the catalog uses pipeline '{name}' (pipelines: {})",
+                "--weights '{}={}': no model of the catalog uses pipeline '{}' (pipelines: {})",
+                o.pipeline,
+                o.source,
+                o.pipeline,
                 known.join(", ")
             );
         };
-        c.source = source.to_string();
+        c.weights = o.source.clone();
     }
     Ok(configs)
 }
@@ -103,14 +95,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let config = SchedulerConfig {
         pipelines,
-        device: args.device.device.clone(),
-        dtype: args.device.dtype.clone(),
-        queue_capacity: args.queue_capacity.max(1),
-        max_batch_images: args.max_batch_images.max(1),
+        run: args.device.run_options(),
+        queue_capacity: args.queue_capacity,
+        max_batch_images: args.max_batch_images,
         warmup: true,
-        offload_text_encoder: args.device.offload_text_encoder,
+        memory_budget: args.device.memory_budget.map(|b| b.0),
     };
-    tracing::info!(pipelines = ?config.pipelines, device = %config.device, "loading pipelines and warming up");
+    let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+    tracing::info!(pipelines = ?names, device = %config.run.device, "loading the first pipeline and warming up");
     let scheduler = tokio::task::spawn_blocking(move || scheduler::start(config)).await??;
 
     let policy = match mode {

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::pipeline::{DeviceSpec, RunDType, RunOptions, WeightSource};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "diffusiond",
@@ -28,51 +30,140 @@ pub enum Command {
 /// Where the model runs and in which precision.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
-    /// Device: `cpu`, `cuda`, `cuda:N` or `metal`.
-    #[arg(long, env = "DIFFUSIOND_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Device: `auto` (CUDA when built in and a card is present, else Metal, else the CPU),
+    /// `cpu`, `cuda`, `cuda:N` or `metal`.
+    #[arg(long, env = "DIFFUSIOND_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
     /// Run dtype: `f32` (CPU default; exact), `bf16` or `f16` (GPU; half the memory, f32 kept where
     /// the reference keeps it). Default: f32 on CPU, bf16 on a GPU.
     #[arg(long, env = "DIFFUSIOND_DTYPE")]
-    pub dtype: Option<String>,
+    pub dtype: Option<RunDType>,
     /// Keep the text encoder in host memory and run it on the CPU: frees ~8 GB of GPU memory
     /// (what lets the full Z-Image-Turbo fit a 24 GB card) at the cost of slower prompt encoding.
     #[arg(long, env = "DIFFUSIOND_OFFLOAD_TEXT_ENCODER")]
     pub offload_text_encoder: bool,
+    /// Weights the device may hold at once (e.g. `20GiB`, `12GB`, bytes): pipelines load when
+    /// first needed and the least recently used idle one is unloaded to stay within it.
+    /// Default: the device's memory less 3 GiB of headroom (no limit where it cannot be told).
+    #[arg(long, env = "DIFFUSIOND_MEMORY_BUDGET")]
+    pub memory_budget: Option<ByteSize>,
+}
+
+impl DeviceArgs {
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            device: self.device,
+            dtype: self.dtype,
+            offload_text_encoder: self.offload_text_encoder,
+        }
+    }
+}
+
+/// A size in bytes: a number with an optional unit (`B`, `KB`/`MB`/`GB`/`TB` powers of 1000,
+/// `KiB`/`MiB`/`GiB`/`TiB` or `K`/`M`/`G`/`T` powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a size (e.g. 20GiB, 12GB, 500MiB)"))?;
+        let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "k" | "kib" => 1024.0,
+            "m" | "mib" => 1024.0 * 1024.0,
+            "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            other => return Err(format!("unknown size unit '{other}' in '{s}'")),
+        };
+        let bytes = num * mult;
+        if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+            return Err(format!("'{s}' is not a positive size"));
+        }
+        Ok(Self(bytes as u64))
+    }
+}
+
+/// `--weights PIPELINE=SOURCE`: a pipeline's weights from another source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsOverride {
+    pub pipeline: String,
+    /// `DIR` or `hf:ORG/REPO[@REV]` (checked when parsed).
+    pub source: String,
+}
+
+impl std::str::FromStr for WeightsOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((name, source)) = s.split_once('=') else {
+            return Err(format!("'{s}': expected PIPELINE=SOURCE"));
+        };
+        let (name, source) = (name.trim(), source.trim());
+        if name.is_empty() {
+            return Err(format!("'{s}': the pipeline name is empty"));
+        }
+        source
+            .parse::<WeightSource>()
+            .map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Self {
+            pipeline: name.to_string(),
+            source: source.to_string(),
+        })
+    }
+}
+
+/// Values 1 and up (0 is refused, not clamped).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// Local pipeline to run.
+    /// Hosted model ID (e.g. `flux-2-pro`) or local pipeline name (e.g. `z-image-turbo`), as the
+    /// catalog defines them; its size limits and defaults apply.
     #[arg(long, default_value = "z-image-turbo")]
     pub model: String,
     /// The text prompt.
     #[arg(long)]
     pub prompt: String,
-    /// Negative prompt, used only when --guidance-scale > 0.
+    /// Negative prompt, used only when guidance is on.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Image width in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub width: u32,
-    /// Image height in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub height: u32,
-    /// Number of images (one batched denoising loop).
+    /// Image width in pixels. Default: the model's.
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Image height in pixels. Default: the model's.
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Number of images (one batched denoising loop), 1 to 4 as on the server.
     #[arg(long, default_value_t = 1)]
     pub num_images: u32,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Model evaluations (denoising steps). Default: the pipeline's (8 for Turbo).
+    /// Model evaluations (denoising steps). Default: the pipeline's.
     #[arg(long)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale; CFG is on when > 0 (doubles the work). Default: the pipeline's.
+    /// Classifier-free guidance scale. Default: the pipeline's.
     #[arg(long)]
     pub guidance_scale: Option<f32>,
+    /// Model catalog (TOML) replacing the built-in models/catalog.toml.
+    #[arg(long, env = "DIFFUSIOND_CATALOG")]
+    pub catalog: Option<PathBuf>,
     /// Weights source per pipeline: `PIPELINE=DIR` (published layout) or `PIPELINE=hf:ORG/REPO[@REV]`.
     #[arg(long = "weights", env = "DIFFUSIOND_WEIGHTS", value_delimiter = ',')]
-    pub weights: Vec<String>,
+    pub weights: Vec<WeightsOverride>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Output file; the extension picks the format (png, jpg/jpeg, webp). Several images get `_0`, `_1`, ...
@@ -112,14 +203,15 @@ pub struct ServeArgs {
     /// Weights source per pipeline, overriding the catalog's: `PIPELINE=DIR` (published layout)
     /// or `PIPELINE=hf:ORG/REPO[@REV]`. Repeatable.
     #[arg(long = "weights", env = "DIFFUSIOND_WEIGHTS", value_delimiter = ',')]
-    pub weights: Vec<String>,
+    pub weights: Vec<WeightsOverride>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Jobs that may wait for the device; beyond this a request gets 503 server_busy at once.
-    #[arg(long, env = "DIFFUSIOND_QUEUE_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "DIFFUSIOND_QUEUE_CAPACITY", default_value_t = 64, value_parser = at_least_one())]
     pub queue_capacity: usize,
-    /// Images denoised together in one batch at most (higher: more throughput, more memory).
-    #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8)]
+    /// Images denoised together in one batch at most (higher: more throughput, more memory;
+    /// 1 turns batching off).
+    #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8, value_parser = at_least_one())]
     pub max_batch_images: usize,
     /// Seconds to wait for requests in flight after SIGINT/SIGTERM before giving up on them
     /// (their credits are refunded).

@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use diffusiond::pipeline::denoise::{self, Conditioning, DenoiseItem};
+use diffusiond::pipeline::denoise::{self, DenoiseItem};
 use diffusiond::pipeline::image::to_rgb8;
 use diffusiond::pipeline::sampler::{self, Guidance};
 use diffusiond::pipeline::z_image::transformer::ItemInput;
+use diffusiond::pipeline::Conditioning;
 use diffusiond::pipeline::ZImage;
 use serde_json::Value;
 
@@ -153,7 +154,10 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
     let b = init.dim(0).unwrap();
     assert_eq!(b, prompts.len() * n_per, "{name}: batch size");
     let conds: Vec<Conditioning> = (0..prompts.len())
-        .map(|p| Conditioning::new(caps[p].clone(), negs.get(p).cloned()))
+        .map(|p| Conditioning {
+            positive: model.refine_caption(&caps[p]).unwrap(),
+            negative: negs.get(p).map(|n| model.refine_caption(n).unwrap()),
+        })
         .collect();
     let mut items: Vec<DenoiseItem> = (0..b)
         .map(|k| {
@@ -161,7 +165,7 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
                 model,
                 init.get(k).unwrap(),
                 conds[k / n_per].clone(),
-                steps,
+                sigmas.clone(),
                 guidance,
             )
             .unwrap()

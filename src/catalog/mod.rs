@@ -28,6 +28,11 @@ pub struct Pipeline {
     pub name: String,
     /// `hf:ORG/REPO[@REV]` or a local directory.
     pub weights: String,
+    /// The model family (`z-image`, `flux2-klein`); `None`: read from the checkout's
+    /// `model_index.json`.
+    pub family: Option<String>,
+    /// Prompts are cut at this many tokens; `None`: the family's default.
+    pub max_sequence_length: Option<usize>,
     /// Default model evaluations.
     pub steps: u32,
     pub guidance_scale: f32,

@@ -9,6 +9,8 @@ use super::{Catalog, CatalogError, Model, Pipeline, Pricing, SizeRule, Tiered};
 
 /// Denoising steps a pipeline default or a quality may ask for.
 pub const STEPS_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+/// Prompt lengths (tokens after the chat template) a pipeline may be configured with.
+pub const MAX_SEQUENCE_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 1..=4096;
 /// Classifier-free guidance scales allowed.
 pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=20.0;
 
@@ -25,6 +27,8 @@ struct CatalogFile {
 #[serde(deny_unknown_fields)]
 struct PipelineSpec {
     weights: String,
+    family: Option<String>,
+    max_sequence_length: Option<usize>,
     steps: u32,
     guidance_scale: f32,
 }
@@ -82,11 +86,36 @@ pub fn parse(name: &str, text: &str) -> Result<Catalog, CatalogError> {
         if spec.weights.trim().is_empty() {
             return Err(at(start, format!("pipeline '{pname}': weights is empty")));
         }
+        if let Some(f) = &spec.family {
+            if crate::pipeline::registry::family(f).is_err() {
+                return Err(at(
+                    start,
+                    format!(
+                        "pipeline '{pname}': unknown family '{f}' (supported: {})",
+                        crate::pipeline::registry::family_names()
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = spec.max_sequence_length {
+            if !MAX_SEQUENCE_LENGTH_RANGE.contains(&n) {
+                return Err(at(
+                    start,
+                    format!(
+                        "pipeline '{pname}': max_sequence_length must be {} to {}",
+                        MAX_SEQUENCE_LENGTH_RANGE.start(),
+                        MAX_SEQUENCE_LENGTH_RANGE.end()
+                    ),
+                ));
+            }
+        }
         pipelines.insert(
             pname.clone(),
             Pipeline {
                 name: pname.clone(),
                 weights: spec.weights.clone(),
+                family: spec.family.clone(),
+                max_sequence_length: spec.max_sequence_length,
                 steps: spec.steps,
                 guidance_scale: spec.guidance_scale,
             },

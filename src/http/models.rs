@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::extract::Authed;
 use super::AppState;
-use crate::catalog::{Model, Pricing};
+use crate::catalog::{Catalog, Model, Pricing};
 
 #[derive(Debug, Serialize)]
 pub struct ModelsResponse {
@@ -21,6 +21,9 @@ pub struct ModelDto {
     pub id: String,
     /// The local pipeline serving this ID.
     pub pipeline: String,
+    /// The pipeline's model family (`z-image`, `flux2-klein`); null when the catalog leaves it
+    /// to the checkout's `model_index.json`.
+    pub family: Option<String>,
     /// Whether the pipeline's weights are loaded.
     pub loaded: bool,
     /// Credits per image of a request with default settings.
@@ -46,10 +49,11 @@ pub struct TieredDto {
     pub default_quality: String,
 }
 
-fn dto(m: &Model, loaded: &[String]) -> ModelDto {
+fn dto(m: &Model, catalog: &Catalog, loaded: &[String]) -> ModelDto {
     ModelDto {
         id: m.id.clone(),
         pipeline: m.pipeline.clone(),
+        family: catalog.pipeline(&m.pipeline).and_then(|p| p.family.clone()),
         loaded: loaded.contains(&m.pipeline),
         credits_per_image: m.pricing.default_price(),
         default_width: m.sizes.default,
@@ -72,14 +76,13 @@ fn dto(m: &Model, loaded: &[String]) -> ModelDto {
 
 pub async fn list(State(state): State<AppState>, _auth: Authed) -> Json<ModelsResponse> {
     let loaded = state.facade.loaded_pipelines();
+    let catalog = state.facade.catalog();
     Json(ModelsResponse {
         success: true,
-        models: state
-            .facade
-            .catalog()
+        models: catalog
             .models()
             .iter()
-            .map(|m| dto(m, &loaded))
+            .map(|m| dto(m, catalog, &loaded))
             .collect(),
     })
 }

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::error::{PipelineError, Result};
+use super::family::CfgRule;
 
 /// `scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler).
 #[derive(Debug, Clone, Deserialize)]
@@ -75,10 +76,10 @@ pub fn model_time(cfg: &SchedulerConfig, timestep: f32) -> f32 {
     (scale - timestep) / scale
 }
 
-/// Euler step on the raw model output `o` (velocity `-o`): `x + (s_next - s) * (-o)`.
-pub fn euler_step(x: &Tensor, model_out: &Tensor, sigma: f32, sigma_next: f32) -> Result<Tensor> {
+/// Euler step on a velocity `v` (dx/dsigma): `x + (s_next - s) v`.
+pub fn euler_step(x: &Tensor, v: &Tensor, sigma: f32, sigma_next: f32) -> Result<Tensor> {
     let dt = (sigma_next - sigma) as f64;
-    Ok((x - (model_out * dt)?)?)
+    Ok((x + (v * dt)?)?)
 }
 
 /// Guidance settings of one item.
@@ -110,6 +111,20 @@ impl Guidance {
         } else {
             self.scale
         }
+    }
+}
+
+/// Combine a guided step's two predictions by the family's rule (`g` the scale in force).
+pub fn combine_cfg(
+    rule: CfgRule,
+    pos: &Tensor,
+    neg: &Tensor,
+    g: f32,
+    normalization: f32,
+) -> Result<Tensor> {
+    match rule {
+        CfgRule::PositivePlus => apply_cfg(pos, neg, g, normalization),
+        CfgRule::NegativePlus => Ok((neg + ((pos - neg)? * g as f64)?)?),
     }
 }
 

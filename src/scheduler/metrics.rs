@@ -67,6 +67,8 @@ pub struct Metrics {
     pub jobs_failed: AtomicU64,
     pub jobs_cancelled: AtomicU64,
     pub jobs_rejected_busy: AtomicU64,
+    pub pipeline_loads: AtomicU64,
+    pub pipeline_load_seconds: Histogram,
     pub batch_size: Histogram,
     pub image_latency: Histogram,
     pub queue_wait: Histogram,
@@ -82,6 +84,8 @@ impl Default for Metrics {
             jobs_failed: AtomicU64::new(0),
             jobs_cancelled: AtomicU64::new(0),
             jobs_rejected_busy: AtomicU64::new(0),
+            pipeline_loads: AtomicU64::new(0),
+            pipeline_load_seconds: Histogram::new(SECONDS),
             batch_size: Histogram::new(BATCH),
             image_latency: Histogram::new(SECONDS),
             queue_wait: Histogram::new(SECONDS),
@@ -139,6 +143,18 @@ impl Metrics {
             "Jobs refused because the queue was full.",
             "counter",
             &self.jobs_rejected_busy,
+        );
+        gauge(
+            &mut out,
+            "diffusiond_pipeline_loads_total",
+            "Pipelines loaded after start because a queued request needed them.",
+            "counter",
+            &self.pipeline_loads,
+        );
+        self.pipeline_load_seconds.render(
+            &mut out,
+            "diffusiond_pipeline_load_seconds",
+            "Time to load a pipeline a queued request needed (its queue wait includes it).",
         );
         self.batch_size.render(
             &mut out,

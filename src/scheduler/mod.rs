@@ -4,10 +4,10 @@
 //! This module is the only way the layers above reach the device. It knows nothing of HTTP.
 
 mod metrics;
+mod pipelines;
 mod queue;
 mod worker;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -16,9 +16,11 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 pub use self::metrics::Metrics;
+use self::pipelines::Pipelines;
 pub use self::queue::{Batchable, Queue};
 use self::worker::{Pending, Worker};
-use crate::pipeline::{self, GenerateSpec, Guidance};
+use crate::catalog::Pipeline;
+use crate::pipeline::{self, denoise, GenerateSpec, Guidance, RunOptions};
 
 /// One generation job: `seeds.len()` images of one prompt at one size.
 #[derive(Debug, Clone)]
@@ -122,46 +124,41 @@ impl Drop for Ticket {
     }
 }
 
-/// One local pipeline to load on the device thread.
-#[derive(Debug, Clone)]
-pub struct PipelineConfig {
-    /// Name used in [`Job::pipeline`] (e.g. `z-image-turbo`).
-    pub name: String,
-    /// Weights source: a local directory in the published layout, or `hf:ORG/REPO[@REVISION]`.
-    pub source: String,
-}
-
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    pub pipelines: Vec<PipelineConfig>,
-    /// `cpu`, `cuda`, `cuda:N` or `metal`.
-    pub device: String,
-    /// `f32`, `bf16`, `f16`; `None` picks f32 on CPU and bf16 on a GPU.
-    pub dtype: Option<String>,
+    /// The pipelines jobs may name; the first is loaded (and warmed up) at start, the others
+    /// when a job first needs them.
+    pub pipelines: Vec<Pipeline>,
+    /// Device, dtype, text-encoder offload.
+    pub run: RunOptions,
     /// Jobs waiting at most; a submit beyond this answers [`SubmitError::QueueFull`] at once.
     pub queue_capacity: usize,
     /// Images in one denoising batch at most (1 turns batching off).
     pub max_batch_images: usize,
-    /// Run one small generation per pipeline before reporting ready.
+    /// Run one small generation of the first pipeline before reporting ready.
     pub warmup: bool,
-    /// Keep text encoders in host memory and run them on the CPU (saves device memory).
-    pub offload_text_encoder: bool,
+    /// Bytes of weights the device may hold at once; `None`: the device's memory less
+    /// [`MEMORY_HEADROOM`] (no limit where the device does not say).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             pipelines: Vec::new(),
-            device: "cpu".into(),
-            dtype: None,
+            run: RunOptions::default(),
             queue_capacity: 64,
             max_batch_images: 8,
             warmup: true,
-            offload_text_encoder: false,
+            memory_budget: None,
         }
     }
 }
+
+/// Memory kept free for activations, the runtime and allocator slack when the budget is the
+/// device's own size.
+pub const MEMORY_HEADROOM: u64 = 3 << 30;
 
 /// Why the scheduler could not start (weights unreadable, device missing, warm-up failed).
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +171,14 @@ pub(crate) struct Shared {
     cv: Condvar,
     shutting_down: AtomicBool,
     metrics: Metrics,
+    /// Names of the loaded pipelines, most recently used first (written by the device thread).
+    loaded: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn set_loaded(&self, names: Vec<String>) {
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
 }
 
 /// The callers' side of the scheduler. Cheap to clone.
@@ -195,7 +200,7 @@ impl std::fmt::Debug for SchedulerHandle {
 /// How many admissions may overtake an incompatible job at the head of the queue.
 const MAX_HEAD_OVERTAKES: usize = 8;
 
-/// Load every pipeline on a new device thread, warm each up, and return once ready.
+/// Start the device thread, load (and warm up) the first pipeline, and return once ready.
 /// Blocking: call it from `spawn_blocking` in async code.
 pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
     if config.pipelines.is_empty() {
@@ -206,27 +211,25 @@ pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
         cv: Condvar::new(),
         shutting_down: AtomicBool::new(false),
         metrics: Metrics::default(),
+        loaded: Mutex::new(Vec::new()),
     });
     let names: Vec<String> = config.pipelines.iter().map(|p| p.name.clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let thread_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name("diffusiond-device".into())
-        .spawn(move || {
-            let loaded = load_all(&config);
-            match loaded {
-                Ok(pipelines) => {
-                    let _ = ready_tx.send(Ok(()));
-                    Worker {
-                        pipelines,
-                        shared: thread_shared,
-                        max_batch_images: config.max_batch_images.max(1),
-                    }
-                    .run();
+        .spawn(move || match prepare(&config, &thread_shared) {
+            Ok(pipelines) => {
+                let _ = ready_tx.send(Ok(()));
+                Worker {
+                    pipelines,
+                    shared: thread_shared,
+                    max_batch_images: config.max_batch_images.max(1),
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
+                .run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
             }
         })
         .map_err(|e| StartError(format!("cannot start the device thread: {e}")))?;
@@ -247,22 +250,30 @@ pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
     }
 }
 
-/// Load (and warm up) every configured pipeline on the device thread.
-fn load_all(config: &SchedulerConfig) -> Result<HashMap<String, pipeline::ZImage>, String> {
-    let mut out = HashMap::new();
-    for p in &config.pipelines {
+/// On the device thread: open the device, settle the memory budget, load and warm up the
+/// first pipeline.
+fn prepare(config: &SchedulerConfig, shared: &Shared) -> Result<Pipelines, String> {
+    let opts = config.run.open().map_err(|e| e.to_string())?;
+    let budget = config.memory_budget.unwrap_or_else(|| {
+        pipeline::device::total_memory(&opts.device)
+            .map_or(u64::MAX, |m| m.saturating_sub(MEMORY_HEADROOM))
+    });
+    tracing::info!(
+        device = %pipeline::device::describe(&opts.device),
+        dtype = ?opts.dtype,
+        memory_budget = %pipelines::gib(budget),
+        "device ready"
+    );
+    let mut pipelines = Pipelines::new(config.pipelines.clone(), opts, budget);
+    let first = &config.pipelines[0];
+    if let Some(r) = pipelines.ensure(&first.name)? {
+        tracing::info!(pipeline = %first.name, source = %first.weights, seconds = r.seconds, bytes = r.bytes, "pipeline loaded");
+    }
+    shared.set_loaded(pipelines.loaded_names());
+    if config.warmup {
         let t = Instant::now();
-        let opts = pipeline::RunOptions {
-            device: config.device.clone(),
-            dtype: config.dtype.clone(),
-            offload_text_encoder: config.offload_text_encoder,
-        };
-        let model = pipeline::load_z_image_with(&p.source, &opts)
-            .map_err(|e| format!("pipeline {}: {e}", p.name))?;
-        tracing::info!(pipeline = %p.name, source = %p.source, seconds = t.elapsed().as_secs_f64(), "pipeline loaded");
-        if config.warmup {
-            let t = Instant::now();
-            let m = model.size_multiple();
+        if let Some(model) = pipelines.get(&first.name) {
+            let m = model.info().size_multiple;
             let spec = GenerateSpec {
                 prompt: "warm-up".into(),
                 negative_prompt: String::new(),
@@ -272,14 +283,12 @@ fn load_all(config: &SchedulerConfig) -> Result<HashMap<String, pipeline::ZImage
                 steps: 2,
                 guidance: Guidance::none(),
             };
-            model
-                .generate(&spec, |_, _| {})
-                .map_err(|e| format!("pipeline {}: warm-up failed: {e}", p.name))?;
-            tracing::info!(pipeline = %p.name, seconds = t.elapsed().as_secs_f64(), "warm-up done");
+            denoise::generate(model, &spec, |_, _| {})
+                .map_err(|e| format!("pipeline {}: warm-up failed: {e}", first.name))?;
         }
-        out.insert(p.name.clone(), model);
+        tracing::info!(pipeline = %first.name, seconds = t.elapsed().as_secs_f64(), "warm-up done");
     }
-    Ok(out)
+    Ok(pipelines)
 }
 
 impl SchedulerHandle {
@@ -327,9 +336,18 @@ impl SchedulerHandle {
             .len()
     }
 
-    /// Names of the loaded pipelines.
-    pub fn loaded_pipelines(&self) -> Vec<String> {
+    /// Names of the pipelines jobs may name.
+    pub fn known_pipelines(&self) -> Vec<String> {
         self.pipelines.as_ref().clone()
+    }
+
+    /// Names of the pipelines loaded on the device now, most recently used first.
+    pub fn loaded_pipelines(&self) -> Vec<String> {
+        self.shared
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Scheduler metrics in the Prometheus text format.

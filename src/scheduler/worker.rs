@@ -5,7 +5,6 @@
 //! then decode and answer the jobs whose items are all done. Failures and panics of one turn
 //! fail only the jobs of that batch; the thread goes on.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,10 +12,11 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::pipelines::Pipelines;
 use super::queue::Batchable;
 use super::{CancelFlag, Image, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use crate::pipeline::{Guidance, RgbImage, ZImage};
+use crate::pipeline::{Guidance, RgbImage};
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
@@ -64,7 +64,7 @@ impl Active {
 }
 
 pub(crate) struct Worker {
-    pub pipelines: HashMap<String, ZImage>,
+    pub pipelines: Pipelines,
     pub shared: Arc<Shared>,
     pub max_batch_images: usize,
 }
@@ -183,11 +183,37 @@ impl Worker {
         let wait = p.submitted.elapsed();
         self.shared.metrics.queue_wait.observe(wait.as_secs_f64());
         tracing::debug!(parent: &p.span, queue_wait_ms = wait.as_millis() as u64, "admitted to a batch");
-        let Some(model) = self.pipelines.get(&p.job.pipeline) else {
-            let _ = p.reply.send(Err(JobError::Failed(format!(
-                "pipeline '{}' is not loaded",
-                p.job.pipeline
-            ))));
+        // A new batch may need another pipeline: load it now (the device is idle), unloading
+        // least recently used ones to stay within the memory budget. The job waits in the
+        // meantime; its queue wait includes the load.
+        let name = p.job.pipeline.clone();
+        let loaded = {
+            let _span =
+                tracing::info_span!(parent: &p.span, "load_pipeline", pipeline = %name).entered();
+            catch_unwind(AssertUnwindSafe(|| self.pipelines.ensure(&name)))
+        };
+        match loaded {
+            Ok(Ok(Some(r))) => {
+                tracing::info!(parent: &p.span, pipeline = %name, seconds = r.seconds, bytes = r.bytes, unloaded = ?r.unloaded, "pipeline loaded for a queued request");
+                self.shared
+                    .metrics
+                    .pipeline_loads
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.pipeline_load_seconds.observe(r.seconds);
+                self.shared.set_loaded(self.pipelines.loaded_names());
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(why)) => {
+                self.fail(p, why);
+                return None;
+            }
+            Err(panic) => {
+                self.fail(p, panic_message(panic));
+                return None;
+            }
+        }
+        let Some(model) = self.pipelines.get(&name) else {
+            self.fail(p, format!("pipeline '{name}' is not loaded"));
             return None;
         };
         let spec = GenerateSpec {
@@ -205,8 +231,8 @@ impl Worker {
         let span = tracing::info_span!(parent: &p.span, "text_encode");
         let made = span.in_scope(|| {
             catch_unwind(AssertUnwindSafe(|| {
-                let cond = model.condition(&spec)?;
-                model.items(&spec, &cond)
+                let cond = denoise::condition(model, &spec)?;
+                denoise::items(model, &spec, &cond)
             }))
         });
         match made {
@@ -250,10 +276,14 @@ impl Worker {
 
     /// One batched step over every item of every job; a failure fails the whole batch.
     fn step(&mut self, batch: &mut Vec<Active>) {
-        let Some(model) = batch
-            .first()
-            .and_then(|a| self.pipelines.get(&a.pending.job.pipeline))
-        else {
+        let Some(name) = batch.first().map(|a| a.pending.job.pipeline.clone()) else {
+            return;
+        };
+        let Some(model) = self.pipelines.get(&name) else {
+            let why = format!("pipeline '{name}' is no longer loaded");
+            for a in batch.drain(..) {
+                self.fail(a.pending, why.clone());
+            }
             return;
         };
         let started = Instant::now();
@@ -288,7 +318,11 @@ impl Worker {
         if done.is_empty() {
             return;
         }
-        let Some(model) = self.pipelines.get(&done[0].pending.job.pipeline) else {
+        let name = done[0].pending.job.pipeline.clone();
+        let Some(model) = self.pipelines.get(&name) else {
+            let why = format!("pipeline '{name}' is no longer loaded");
+            done.into_iter()
+                .for_each(|a| self.fail(a.pending, why.clone()));
             return;
         };
         let span = tracing::debug_span!("decode", jobs = done.len());

@@ -11,7 +11,7 @@ mod id;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-pub use encode::ImageFormat;
+pub use encode::{encode, ImageFormat};
 pub use id::RequestId;
 
 use crate::scheduler::Image;

@@ -6,6 +6,7 @@ pub mod attention_cpu;
 pub mod attention_cuda;
 pub mod block;
 pub mod config;
+pub mod family;
 pub mod linear;
 pub mod prompt;
 pub mod rope;
@@ -22,6 +23,7 @@ use self::text_encoder::TextEncoder;
 use self::transformer::{check_caption_width, ItemInput, Transformer};
 use self::vae::{VaeConfig, VaeDecoder};
 use super::error::{load_err, Result};
+use super::family::FamilyInfo;
 use super::load::ModelFiles;
 use super::sampler::SchedulerConfig;
 
@@ -34,6 +36,8 @@ pub struct ZImage {
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
+    info: FamilyInfo,
+    weight_bytes: u64,
 }
 
 impl ZImage {
@@ -83,6 +87,16 @@ impl ZImage {
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
 
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
+        let te_bytes = if te_device.same_device(device) {
+            files.parameter_count("text_encoder", "model")? * te_dtype.size_in_bytes() as u64
+        } else {
+            0
+        };
+        let weight_bytes = te_bytes
+            + (files.parameter_count("transformer", "diffusion_pytorch_model")?
+                + files.parameter_count("vae", "diffusion_pytorch_model")?)
+                * dtype.size_in_bytes() as u64;
+        let info = family::info(&vae, &transformer);
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -91,6 +105,8 @@ impl ZImage {
             scheduler,
             device: device.clone(),
             dtype,
+            info,
+            weight_bytes,
         })
     }
 
