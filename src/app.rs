@@ -92,17 +92,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = FileStore::open(&data_dir)
         .with_context(|| format!("file store in {}", data_dir.display()))?;
+    if let Some(age) = args.retention {
+        tokio::spawn(retention(store.clone(), age.0));
+    }
 
     let config = SchedulerConfig {
         pipelines,
         run: args.device.run_options(),
+        devices: args.device.device.clone(),
         queue_capacity: args.queue_capacity,
         max_batch_images: args.max_batch_images,
         warmup: true,
         memory_budget: args.device.memory_budget.map(|b| b.0),
     };
     let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
-    tracing::info!(pipelines = ?names, device = %config.run.device, "loading the first pipeline and warming up");
+    let devices: Vec<String> = config.devices.iter().map(|d| d.to_string()).collect();
+    tracing::info!(pipelines = ?names, devices = ?devices, "loading the first pipeline and warming up on each device");
     let scheduler = tokio::task::spawn_blocking(move || scheduler::start(config)).await??;
 
     let policy = match mode {
@@ -152,6 +157,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Delete stored images older than `max_age`, checking every `max_age / 4` (1 s to 5 min).
+async fn retention(store: FileStore, max_age: Duration) {
+    let every = (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    tracing::info!(
+        max_age_s = max_age.as_secs(),
+        "retention on: older images are deleted"
+    );
+    loop {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.remove_older_than(max_age)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(requests = n, "retention: deleted old images"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed"),
+            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Hold `<data-dir>/serve.lock` for the server's lifetime: at start a server refunds reservations

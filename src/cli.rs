@@ -31,9 +31,16 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
     /// Device: `auto` (CUDA when built in and a card is present, else Metal, else the CPU),
-    /// `cpu`, `cuda`, `cuda:N` or `metal`.
-    #[arg(long, env = "DIFFUSIOND_DEVICE", default_value = "auto")]
-    pub device: DeviceSpec,
+    /// `cpu`, `cuda`, `cuda:N` or `metal`. `serve` takes a comma-separated list
+    /// (`cuda:0,cuda:1`): one worker per device, each holding its own copy of the pipelines
+    /// (the memory budget applies to each), all taking jobs from one queue.
+    #[arg(
+        long,
+        env = "DIFFUSIOND_DEVICE",
+        default_value = "auto",
+        value_delimiter = ','
+    )]
+    pub device: Vec<DeviceSpec>,
     /// Run dtype: `f32` (CPU default; exact), `bf16` or `f16` (GPU; half the memory, f32 kept where
     /// the reference keeps it). Default: f32 on CPU, bf16 on a GPU.
     #[arg(long, env = "DIFFUSIOND_DTYPE")]
@@ -50,9 +57,10 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    /// The run options of the first device (the only one outside `serve`).
     pub fn run_options(&self) -> RunOptions {
         RunOptions {
-            device: self.device,
+            device: self.device.first().copied().unwrap_or_default(),
             dtype: self.dtype,
             offload_text_encoder: self.offload_text_encoder,
         }
@@ -217,6 +225,37 @@ pub struct ServeArgs {
     /// (their credits are refunded).
     #[arg(long, env = "DIFFUSIOND_SHUTDOWN_TIMEOUT", default_value_t = 120)]
     pub shutdown_timeout: u64,
+    /// Delete stored images older than this (`90s`, `30m`, `24h`, `7d`) in the background;
+    /// their URLs answer 404 afterwards. Off by default (images are kept until you delete them).
+    #[arg(long, env = "DIFFUSIOND_RETENTION")]
+    pub retention: Option<Age>,
+}
+
+/// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age(pub std::time::Duration);
+
+impl std::str::FromStr for Age {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a duration (e.g. 90s, 30m, 24h, 7d)"))?;
+        let mult = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("unknown duration unit '{other}' in '{s}'")),
+        };
+        match n.checked_mul(mult) {
+            Some(secs) if secs > 0 => Ok(Self(std::time::Duration::from_secs(secs))),
+            _ => Err(format!("'{s}' is not a positive duration")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -256,4 +295,32 @@ pub enum KeysCommand {
         /// Credits to add (positive).
         credits: i64,
     },
+}
+
+#[cfg(test)]
+mod age_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Age;
+    use std::time::Duration;
+
+    #[test]
+    fn ages_parse_with_units() {
+        assert_eq!("90".parse::<Age>().unwrap().0, Duration::from_secs(90));
+        assert_eq!("90s".parse::<Age>().unwrap().0, Duration::from_secs(90));
+        assert_eq!("30m".parse::<Age>().unwrap().0, Duration::from_secs(1800));
+        assert_eq!("24h".parse::<Age>().unwrap().0, Duration::from_secs(86_400));
+        assert_eq!("7d".parse::<Age>().unwrap().0, Duration::from_secs(604_800));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "1w",
+            "-1h",
+            "h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            assert!(bad.parse::<Age>().is_err(), "{bad}");
+        }
+    }
 }

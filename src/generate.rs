@@ -107,6 +107,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("pipeline '{}' has no weights configured", job.pipeline);
     };
     let source: WeightSource = p.weights.parse()?;
+    if args.device.device.len() > 1 {
+        bail!("generate runs on one device; several (--device a,b) are for serve");
+    }
     let mut opts = args.device.run_options().open()?;
     opts.max_sequence_length = p.max_sequence_length;
     let model = pipeline::load(&source, p.family.as_deref(), &opts)

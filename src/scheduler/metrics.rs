@@ -73,6 +73,8 @@ pub struct Metrics {
     pub image_latency: Histogram,
     pub queue_wait: Histogram,
     pub step_seconds: Histogram,
+    /// Per worker: its device's name and the images it decoded.
+    workers: Mutex<Vec<(String, u64)>>,
 }
 
 impl Default for Metrics {
@@ -90,11 +92,29 @@ impl Default for Metrics {
             image_latency: Histogram::new(SECONDS),
             queue_wait: Histogram::new(SECONDS),
             step_seconds: Histogram::new(SECONDS),
+            workers: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Metrics {
+    /// Name the workers (their devices, in `--device` order).
+    pub fn set_workers(&self, devices: Vec<String>) {
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) =
+            devices.into_iter().map(|d| (d, 0)).collect();
+    }
+
+    pub fn add_worker_images(&self, worker: usize, n: u64) {
+        if let Some(w) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(worker)
+        {
+            w.1 += n;
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: &AtomicU64| {
@@ -151,6 +171,18 @@ impl Metrics {
             "counter",
             &self.pipeline_loads,
         );
+        {
+            let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            let name = "diffusiond_worker_images_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Images decoded by each worker (one per --device entry)."
+            );
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (i, (device, n)) in workers.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{worker=\"{i}\",device=\"{device}\"}} {n}");
+            }
+        }
         self.pipeline_load_seconds.render(
             &mut out,
             "diffusiond_pipeline_load_seconds",

@@ -1,5 +1,6 @@
-//! The batching scheduler: one OS thread per device owns the loaded pipelines and runs batched
-//! denoising loops; callers submit jobs through a bounded queue and get results on a oneshot reply.
+//! The batching scheduler: one OS thread per device owns that device's loaded pipelines and runs
+//! batched denoising loops; callers submit jobs through one bounded queue that every device
+//! thread takes from, and get results on a oneshot reply.
 //!
 //! This module is the only way the layers above reach the device. It knows nothing of HTTP.
 
@@ -8,7 +9,7 @@ mod pipelines;
 mod queue;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -20,7 +21,7 @@ use self::pipelines::Pipelines;
 pub use self::queue::{Batchable, Queue};
 use self::worker::{Pending, Worker};
 use crate::catalog::Pipeline;
-use crate::pipeline::{self, denoise, GenerateSpec, Guidance, RunOptions};
+use crate::pipeline::{self, denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
 
 /// One generation job: `seeds.len()` images of one prompt at one size.
 #[derive(Debug, Clone)]
@@ -132,6 +133,10 @@ pub struct SchedulerConfig {
     pub pipelines: Vec<Pipeline>,
     /// Device, dtype, text-encoder offload.
     pub run: RunOptions,
+    /// One worker (device thread with its own pipelines) per entry; empty: `run.device` alone.
+    /// Jobs share one queue: a worker with a compatible running batch takes them at its next
+    /// step, an idle worker starts a batch with its fair share of what waits.
+    pub devices: Vec<DeviceSpec>,
     /// Jobs waiting at most; a submit beyond this answers [`SubmitError::QueueFull`] at once.
     pub queue_capacity: usize,
     /// Images in one denoising batch at most (1 turns batching off).
@@ -148,6 +153,7 @@ impl Default for SchedulerConfig {
         Self {
             pipelines: Vec::new(),
             run: RunOptions::default(),
+            devices: Vec::new(),
             queue_capacity: 64,
             max_batch_images: 8,
             warmup: true,
@@ -171,13 +177,19 @@ pub(crate) struct Shared {
     cv: Condvar,
     shutting_down: AtomicBool,
     metrics: Metrics,
-    /// Names of the loaded pipelines, most recently used first (written by the device thread).
-    loaded: Mutex<Vec<String>>,
+    /// Per worker: names of its loaded pipelines, most recently used first (written by the
+    /// worker's thread).
+    loaded: Mutex<Vec<Vec<String>>>,
+    /// Workers waiting for a job now (an idle worker starting a batch leaves the others a share).
+    idle: AtomicUsize,
 }
 
 impl Shared {
-    fn set_loaded(&self, names: Vec<String>) {
-        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    fn set_loaded(&self, worker: usize, names: Vec<String>) {
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = l.get_mut(worker) {
+            *slot = names;
+        }
     }
 }
 
@@ -186,7 +198,7 @@ impl Shared {
 pub struct SchedulerHandle {
     shared: Arc<Shared>,
     pipelines: Arc<Vec<String>>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for SchedulerHandle {
@@ -200,65 +212,99 @@ impl std::fmt::Debug for SchedulerHandle {
 /// How many admissions may overtake an incompatible job at the head of the queue.
 const MAX_HEAD_OVERTAKES: usize = 8;
 
-/// Start the device thread, load (and warm up) the first pipeline, and return once ready.
-/// Blocking: call it from `spawn_blocking` in async code.
+/// Start one device thread per device, load (and warm up) the first pipeline on each, and
+/// return once all are ready. Blocking: call it from `spawn_blocking` in async code.
 pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
     if config.pipelines.is_empty() {
         return Err(StartError("no pipeline to load".into()));
     }
+    let devices = if config.devices.is_empty() {
+        vec![config.run.device]
+    } else {
+        config.devices.clone()
+    };
+    let metrics = Metrics::default();
+    metrics.set_workers(devices.iter().map(|d| d.to_string()).collect());
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::new(config.queue_capacity, MAX_HEAD_OVERTAKES)),
         cv: Condvar::new(),
         shutting_down: AtomicBool::new(false),
-        metrics: Metrics::default(),
-        loaded: Mutex::new(Vec::new()),
+        metrics,
+        loaded: Mutex::new(vec![Vec::new(); devices.len()]),
+        idle: AtomicUsize::new(0),
     });
     let names: Vec<String> = config.pipelines.iter().map(|p| p.name.clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let thread_shared = shared.clone();
-    let thread = std::thread::Builder::new()
-        .name("diffusiond-device".into())
-        .spawn(move || match prepare(&config, &thread_shared) {
-            Ok(pipelines) => {
-                let _ = ready_tx.send(Ok(()));
-                Worker {
-                    pipelines,
-                    shared: thread_shared,
-                    max_batch_images: config.max_batch_images.max(1),
+    let mut threads = Vec::new();
+    let mut spawn_error = None;
+    for (index, &device) in devices.iter().enumerate() {
+        let mut config = config.clone();
+        config.run.device = device;
+        let thread_shared = shared.clone();
+        let ready_tx = ready_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("diffusiond-device-{index}"))
+            .spawn(move || match prepare(&config, &thread_shared, index) {
+                Ok(pipelines) => {
+                    let _ = ready_tx.send(Ok(()));
+                    Worker {
+                        index,
+                        pipelines,
+                        shared: thread_shared,
+                        max_batch_images: config.max_batch_images.max(1),
+                    }
+                    .run();
                 }
-                .run();
-            }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("device {index} ({device}): {e}")));
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
             Err(e) => {
-                let _ = ready_tx.send(Err(e));
+                spawn_error = Some(format!("cannot start a device thread: {e}"));
+                break;
             }
-        })
-        .map_err(|e| StartError(format!("cannot start the device thread: {e}")))?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(SchedulerHandle {
-            shared,
-            pipelines: Arc::new(names),
-            thread: Arc::new(Mutex::new(Some(thread))),
-        }),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(StartError(e))
         }
-        Err(_) => {
-            let _ = thread.join();
-            Err(StartError("the device thread died while loading".into()))
+    }
+    drop(ready_tx);
+    let mut failure = spawn_error;
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "a device thread died while loading".into());
+                break;
+            }
+        }
+    }
+    let handle = SchedulerHandle {
+        shared,
+        pipelines: Arc::new(names),
+        threads: Arc::new(Mutex::new(threads)),
+    };
+    match failure {
+        None => Ok(handle),
+        Some(e) => {
+            handle.shutdown();
+            Err(StartError(e))
         }
     }
 }
 
 /// On the device thread: open the device, settle the memory budget, load and warm up the
 /// first pipeline.
-fn prepare(config: &SchedulerConfig, shared: &Shared) -> Result<Pipelines, String> {
+fn prepare(config: &SchedulerConfig, shared: &Shared, worker: usize) -> Result<Pipelines, String> {
     let opts = config.run.open().map_err(|e| e.to_string())?;
     let budget = config.memory_budget.unwrap_or_else(|| {
         pipeline::device::total_memory(&opts.device)
             .map_or(u64::MAX, |m| m.saturating_sub(MEMORY_HEADROOM))
     });
     tracing::info!(
+        worker,
         device = %pipeline::device::describe(&opts.device),
         dtype = ?opts.dtype,
         memory_budget = %pipelines::gib(budget),
@@ -269,7 +315,7 @@ fn prepare(config: &SchedulerConfig, shared: &Shared) -> Result<Pipelines, Strin
     if let Some(r) = pipelines.ensure(&first.name)? {
         tracing::info!(pipeline = %first.name, source = %first.weights, seconds = r.seconds, bytes = r.bytes, "pipeline loaded");
     }
-    shared.set_loaded(pipelines.loaded_names());
+    shared.set_loaded(worker, pipelines.loaded_names());
     if config.warmup {
         let t = Instant::now();
         if let Some(model) = pipelines.get(&first.name) {
@@ -341,13 +387,22 @@ impl SchedulerHandle {
         self.pipelines.as_ref().clone()
     }
 
-    /// Names of the pipelines loaded on the device now, most recently used first.
+    /// Names of the pipelines loaded on some device now, most recently used first (per device,
+    /// the first device's first).
     pub fn loaded_pipelines(&self) -> Vec<String> {
-        self.shared
+        let per_worker = self
+            .shared
             .loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        let mut out: Vec<String> = Vec::new();
+        for name in per_worker.into_iter().flatten() {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
     }
 
     /// Scheduler metrics in the Prometheus text format.
@@ -356,12 +411,12 @@ impl SchedulerHandle {
     }
 
     /// Stop accepting jobs, answer waiting ones with [`JobError::ShuttingDown`], let the running
-    /// batch finish, and join the device thread. Blocking.
+    /// batches finish, and join the device threads. Blocking.
     pub fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = thread {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }

@@ -1,4 +1,5 @@
-//! The device thread: owns the loaded pipelines and runs continuous batched denoising.
+//! A device thread (one per `--device` entry): owns its device's loaded pipelines and runs
+//! continuous batched denoising on jobs taken from the shared queue.
 //!
 //! Each turn of the loop: admit waiting jobs (a new batch, or compatible joiners into the running
 //! one), drop cancelled jobs, run one batched step in which every item has its own timestep,
@@ -13,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::pipelines::Pipelines;
-use super::queue::Batchable;
+use super::queue::{fair_share, Batchable};
 use super::{CancelFlag, Image, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
 use crate::pipeline::{Guidance, RgbImage};
@@ -64,6 +65,8 @@ impl Active {
 }
 
 pub(crate) struct Worker {
+    /// Position in `--device`; labels metrics and logs.
+    pub index: usize,
     pub pipelines: Pipelines,
     pub shared: Arc<Shared>,
     pub max_batch_images: usize,
@@ -90,6 +93,7 @@ impl Worker {
     pub fn run(mut self) {
         let mut batch: Vec<Active> = Vec::new();
         let mut key: Option<BatchKey> = None;
+        let mut running_images = 0u64;
         loop {
             let admitted = match self.next_jobs(&batch, key.as_ref()) {
                 Some(jobs) => jobs,
@@ -113,12 +117,20 @@ impl Worker {
             if batch.is_empty() {
                 key = None;
             }
-            let images: usize = batch.iter().map(|a| a.items.len()).sum();
-            self.shared
-                .metrics
-                .running_images
-                .store(images as u64, Ordering::Relaxed);
+            // Several workers add up in one gauge: each moves it by its own change.
+            let images = batch.iter().map(|a| a.items.len()).sum::<usize>() as u64;
+            let m = &self.shared.metrics.running_images;
+            if images >= running_images {
+                m.fetch_add(images - running_images, Ordering::Relaxed);
+            } else {
+                m.fetch_sub(running_images - images, Ordering::Relaxed);
+            }
+            running_images = images;
         }
+        self.shared
+            .metrics
+            .running_images
+            .fetch_sub(running_images, Ordering::Relaxed);
         // Shutdown: the running batch has drained; answer anything left.
         for a in batch {
             let _ = a.pending.reply.send(Err(JobError::ShuttingDown));
@@ -150,13 +162,27 @@ impl Worker {
         }
         let jobs = if batch.is_empty() {
             while q.is_empty() && !shared.shutting_down.load(Ordering::SeqCst) {
+                shared.idle.fetch_add(1, Ordering::SeqCst);
                 q = shared.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                shared.idle.fetch_sub(1, Ordering::SeqCst);
             }
             if shared.shutting_down.load(Ordering::SeqCst) {
                 drop(q);
                 return self.next_jobs(batch, key);
             }
-            q.start_batch(self.max_batch_images)
+            // Leave the other idle workers their share, so that concurrent jobs start on
+            // several devices at once instead of queueing in one device's batch.
+            let idle = shared.idle.load(Ordering::SeqCst);
+            let budget = fair_share(q.images(), idle + 1, self.max_batch_images);
+            let jobs = q.start_batch(budget);
+            if !q.is_empty() && idle > 0 {
+                shared.cv.notify_one();
+            }
+            jobs
+        } else if shared.idle.load(Ordering::SeqCst) > 0 {
+            // Another worker is idle: it starts a waiting job now, sooner than this batch's
+            // next step would (and without slowing this batch down).
+            Vec::new()
         } else if let Some(key) = key {
             let running: usize = batch.iter().map(|a| a.items.len()).sum();
             q.join_running(key, self.max_batch_images.saturating_sub(running))
@@ -200,7 +226,8 @@ impl Worker {
                     .pipeline_loads
                     .fetch_add(1, Ordering::Relaxed);
                 self.shared.metrics.pipeline_load_seconds.observe(r.seconds);
-                self.shared.set_loaded(self.pipelines.loaded_names());
+                self.shared
+                    .set_loaded(self.index, self.pipelines.loaded_names());
             }
             Ok(Ok(None)) => {}
             Ok(Err(why)) => {
@@ -358,7 +385,10 @@ impl Worker {
                 .metrics
                 .images_generated
                 .fetch_add(mine.len() as u64, Ordering::Relaxed);
-            tracing::info!(parent: &a.pending.span, seconds = latency, images = mine.len(), "generated");
+            self.shared
+                .metrics
+                .add_worker_images(self.index, mine.len() as u64);
+            tracing::info!(parent: &a.pending.span, worker = self.index, seconds = latency, images = mine.len(), "generated");
             let _ = a.pending.reply.send(Ok(to_images(mine)));
         }
     }

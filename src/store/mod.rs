@@ -92,6 +92,38 @@ impl FileStore {
     }
 }
 
+impl FileStore {
+    /// Delete the requests whose folder is older than `max_age` (retention). Blocking: call
+    /// from a blocking thread. Returns how many requests' images were deleted. A folder is
+    /// removed whole, so a URL either still answers or answers 404.
+    pub fn remove_older_than(&self, max_age: std::time::Duration) -> Result<usize, StoreError> {
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.gen_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Only what the store made: request folders, never anything else in the dir.
+            if name.to_str().and_then(RequestId::parse).is_none() {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if !meta.is_dir() {
+                continue;
+            }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if age > max_age {
+                std::fs::remove_dir_all(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
 fn write_atomically(
     dir: &Path,
     name: &str,
@@ -212,6 +244,25 @@ mod tests {
             .read(&RequestId::generate().to_string(), "image_0.png")
             .await
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn retention_removes_only_old_request_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let old = RequestId::generate();
+        store.save(&old, &[img(16, 16)], ImageFormat::Png).unwrap();
+        std::fs::write(dir.path().join("files/gen/keep.txt"), b"x").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let new = RequestId::generate();
+        store.save(&new, &[img(16, 16)], ImageFormat::Png).unwrap();
+        let removed = store
+            .remove_older_than(std::time::Duration::from_millis(600))
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(store.read(old.as_str(), "image_0.png").await.is_none());
+        assert!(store.read(new.as_str(), "image_0.png").await.is_some());
+        assert!(dir.path().join("files/gen/keep.txt").exists());
     }
 
     #[test]
