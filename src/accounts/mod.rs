@@ -2,18 +2,24 @@
 //! (`<data-dir>/accounts.db`), through sqlx. The only module that touches the database.
 //!
 //! The queries are plain SQL with no SQLite-only functions, so they can move to Postgres; the one
-//! SQLite-specific statement is `BEGIN IMMEDIATE` in [`Accounts::begin_write`].
+//! SQLite-specific statement is `BEGIN IMMEDIATE` in [`write::WriteTx`].
 
+mod health;
 mod keys;
 mod ledger;
 pub mod quota;
+mod write;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::SqlitePool;
+
+use self::health::WriteHealth;
+use self::write::WriteTx;
 
 pub use keys::{CreatedKey, KeyInfo, NewKey};
 pub use ledger::Reservation;
@@ -58,12 +64,23 @@ pub struct Account {
 #[derive(Debug, Clone)]
 pub struct Accounts {
     pool: SqlitePool,
+    /// Whether the last write reached the disk (what `/health` reports).
+    health: Arc<WriteHealth>,
 }
 
 impl Accounts {
     /// Open (creating if needed) the database in `data_dir` and apply the migrations. WAL mode and
     /// a busy timeout let the `keys` CLI and the server use it at the same time.
     pub async fn open(data_dir: &Path) -> Result<Self, AccountsError> {
+        Self::open_with(data_dir, |o| o).await
+    }
+
+    /// [`Accounts::open`] with the connection options adjusted (tests: a page limit that makes
+    /// the database "full").
+    pub(crate) async fn open_with(
+        data_dir: &Path,
+        adjust: impl FnOnce(SqliteConnectOptions) -> SqliteConnectOptions,
+    ) -> Result<Self, AccountsError> {
         std::fs::create_dir_all(data_dir).map_err(|source| AccountsError::DataDir {
             path: data_dir.to_path_buf(),
             source,
@@ -77,10 +94,13 @@ impl Accounts {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(adjust(options))
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            health: Arc::default(),
+        })
     }
 
     /// Close the pool (waits for connections to be returned).
@@ -90,9 +110,54 @@ impl Accounts {
 
     /// A transaction that takes the write lock at once, so concurrent writers wait on the busy
     /// timeout instead of failing on a stale read snapshot. (Postgres: a plain `BEGIN`; every
-    /// write below is a conditional single-row UPDATE, which is atomic there too.)
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    /// write below is a conditional single-row UPDATE, which is atomic there too.) End it with
+    /// [`Accounts::finish`].
+    async fn begin_write(&self) -> Result<WriteTx, AccountsError> {
+        WriteTx::begin(&self.pool).await.map_err(|e| {
+            self.health.note_error(&e);
+            AccountsError::Db(e)
+        })
+    }
+
+    /// Commit `tx` if `outcome` is a success, else roll it back; a connection whose state is then
+    /// unknown is closed, never returned to the pool. A failure to write is recorded for
+    /// `/health`, a commit clears it.
+    async fn finish<T>(
+        &self,
+        tx: WriteTx,
+        outcome: Result<T, AccountsError>,
+    ) -> Result<T, AccountsError> {
+        match outcome {
+            Ok(value) => {
+                self.health.note(tx.commit().await)?;
+                Ok(value)
+            }
+            Err(e) => {
+                tx.rollback().await;
+                if let AccountsError::Db(db) = &e {
+                    self.health.note_error(db);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `Ok` while the database takes writes; else why not. Once a write has failed, each call
+    /// tries a small real write (one that needs fresh pages) until one succeeds, so freeing space
+    /// is noticed without waiting for a request.
+    pub async fn check_writable(&self) -> Result<(), String> {
+        if self.health.failure().is_none() {
+            return Ok(());
+        }
+        let probe = async {
+            let mut tx = self.begin_write().await?;
+            let outcome = health::probe(&mut tx).await;
+            self.finish(tx, outcome).await
+        };
+        match probe.await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.health.failure().unwrap_or_else(|| e.to_string())),
+        }
     }
 }
 
@@ -110,5 +175,34 @@ pub(crate) mod test_util {
         let dir = tempfile::tempdir().unwrap();
         let accounts = Accounts::open(dir.path()).await.unwrap();
         (dir, accounts)
+    }
+
+    /// A database limited to 48 pages on every connection (`PRAGMA max_page_count`): a disk
+    /// that fills up, without needing a small file system.
+    pub async fn open_small(dir: &Path) -> Accounts {
+        Accounts::open_with(dir, |o| o.pragma("max_page_count", "48"))
+            .await
+            .unwrap()
+    }
+
+    /// Fill the database with rows that [`free_space`] deletes, until it is full.
+    pub async fn fill_up(acc: &Accounts) {
+        sqlx::query("CREATE TABLE IF NOT EXISTS filler (x TEXT NOT NULL)")
+            .execute(&acc.pool)
+            .await
+            .unwrap();
+        while sqlx::query("INSERT INTO filler (x) VALUES (?)")
+            .bind("f".repeat(2000))
+            .execute(&acc.pool)
+            .await
+            .is_ok()
+        {}
+    }
+
+    pub async fn free_space(acc: &Accounts) {
+        sqlx::query("DELETE FROM filler")
+            .execute(&acc.pool)
+            .await
+            .unwrap();
     }
 }

@@ -1,20 +1,30 @@
 //! Operations endpoints: GET /health and GET /metrics.
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::AppState;
 
-/// 200 once the server takes requests (it binds only after the pipelines are loaded and warm).
-pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
+/// 200 once the server takes requests (it binds only after the pipelines are loaded and warm);
+/// 503 with the reason while the accounts database cannot be written (a full disk, say), until a
+/// write goes through again.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let (status, label, reason) = match state.facade.check_writable().await {
+        Ok(()) => (StatusCode::OK, "ok", None),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(reason)),
+    };
+    let mut body = json!({
+        "status": label,
         "pipelines_loaded": state.facade.loaded_pipelines(),
         "models": state.facade.catalog().models().len(),
-    }))
+    });
+    if let Some(reason) = reason {
+        body["reason"] = json!(reason);
+    }
+    (status, Json(body)).into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

@@ -276,3 +276,59 @@ fn public_url_rules() {
     let fixed = PublicUrl::new(Some("https://x.test/base/"), "127.0.0.1:1".parse().unwrap());
     assert_eq!(fixed.base(&HeaderMap::new()), "https://x.test/base");
 }
+
+/// Finding 1 of issue 15: with the accounts database full, keys-mode requests fail and /health is
+/// 503 with the reason; once space is freed /health is 200 again and every request succeeds.
+#[tokio::test]
+async fn a_full_database_is_reported_and_recovered_from() {
+    use crate::accounts::test_util::{fill_up, free_space, open_small};
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = open_small(dir.path()).await;
+    let key = accounts
+        .create_key(NewKey {
+            name: String::new(),
+            credits: 1_000_000,
+            daily_quota: None,
+        })
+        .await
+        .unwrap()
+        .secret;
+    let facade = Facade::new(
+        Catalog::builtin().unwrap(),
+        AuthPolicy::Keys(accounts.clone()),
+        FileStore::open(dir.path()).unwrap(),
+        Fake::new(Mode::Succeed),
+    );
+    let url = PublicUrl::new(None, "127.0.0.1:1".parse().unwrap());
+    let app = router(AppState::new(Arc::new(facade), url));
+    let auth = format!("Bearer {key}");
+    let body = json!({"prompt": "a cat", "model": "flux-2-pro", "width": 256, "height": 256});
+
+    fill_up(&accounts).await;
+    let mut ok = 0;
+    let failed = loop {
+        let r = send(&app, post(body.to_string(), Some(&auth))).await;
+        if r.status != StatusCode::OK {
+            break r;
+        }
+        ok += 1;
+        assert!(ok < 10_000, "the database never filled up");
+    };
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.code(), "internal_error");
+    let h = send(&app, get("/health")).await;
+    assert_eq!(h.status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = h.json()["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("full"), "{reason}");
+
+    free_space(&accounts).await;
+    let h = send(&app, get("/health")).await;
+    assert_eq!(h.status, StatusCode::OK, "{:?}", h.json());
+    for i in 0..10 {
+        let r = send(&app, post(body.to_string(), Some(&auth))).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i} after freeing space");
+    }
+    let info = accounts.list_keys().await.unwrap();
+    assert_eq!(info[0].balance, 1_000_000 - 250 * (ok + 10));
+    assert_eq!(info[0].used_today, ok + 10);
+}

@@ -99,6 +99,15 @@ impl Facade {
         self.generator.loaded_pipelines()
     }
 
+    /// `Ok` while every store requests depend on takes writes; else why not (`/health` answers
+    /// 503 with it). Only keys mode writes to the accounts database.
+    pub async fn check_writable(&self) -> Result<(), String> {
+        match &self.auth {
+            AuthPolicy::Keys(accounts) => accounts.check_writable().await,
+            AuthPolicy::Open => Ok(()),
+        }
+    }
+
     /// Check the `Authorization` header value (`Bearer <key>`) under the auth policy.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, InferError> {
         let AuthPolicy::Keys(accounts) = &self.auth else {
