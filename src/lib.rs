@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod cli;
 pub mod generate;
 pub mod http;
+pub mod image;
 pub mod infer;
 pub mod pipeline;
 pub mod scheduler;

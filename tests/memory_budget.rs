@@ -59,7 +59,7 @@ fn run(handle: &SchedulerHandle, name: &str) -> Vec<u8> {
         .build()
         .unwrap();
     let images = rt.block_on(handle.submit(job).unwrap().wait()).unwrap();
-    images[0].rgb.clone()
+    images[0].data.clone()
 }
 
 fn loads(handle: &SchedulerHandle) -> u64 {

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::Generator;
-use crate::scheduler::{CancelFlag, Image, Job, JobError, SubmitError, Ticket};
+use crate::image::RgbImage;
+use crate::scheduler::{CancelFlag, Job, JobError, SubmitError, Ticket};
 
-type Reply = oneshot::Sender<Result<Vec<Image>, JobError>>;
+type Reply = oneshot::Sender<Result<Vec<RgbImage>, JobError>>;
 
 /// What the fake does with the next job.
 #[derive(Clone, Copy, PartialEq)]
@@ -51,10 +52,10 @@ impl Generator for Fake {
                 let images = job
                     .seeds
                     .iter()
-                    .map(|s| Image {
+                    .map(|s| RgbImage {
                         width: job.width,
                         height: job.height,
-                        rgb: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
+                        data: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
                     })
                     .collect();
                 let _ = tx.send(Ok(images));

@@ -106,14 +106,16 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         }
     };
     let format = match raw.output_format.as_deref() {
-        None | Some("jpeg") | Some("jpg") => ImageFormat::Jpeg,
-        Some("png") => ImageFormat::Png,
-        Some("webp") => ImageFormat::Webp,
-        Some(other) => {
-            return Err(param(format!(
-                "output_format '{other}' is not one of: jpeg, png, webp"
-            )));
-        }
+        None => ImageFormat::Jpeg,
+        // The contract's names are lowercase: "JPEG" is not one of them.
+        Some(name) => Some(name)
+            .filter(|n| n.chars().all(|c| c.is_ascii_lowercase()))
+            .and_then(ImageFormat::parse)
+            .ok_or_else(|| {
+                param(format!(
+                    "output_format '{name}' is not one of: jpeg, png, webp"
+                ))
+            })?,
     };
 
     Ok(ValidRequest {

@@ -11,10 +11,11 @@ mod id;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-pub use encode::{encode, ImageFormat};
+pub use crate::image::ImageFormat;
+pub use encode::encode;
 pub use id::RequestId;
 
-use crate::scheduler::Image;
+use crate::image::RgbImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,7 +55,7 @@ impl FileStore {
     pub fn save(
         &self,
         id: &RequestId,
-        images: &[Image],
+        images: &[RgbImage],
         format: ImageFormat,
     ) -> Result<Vec<String>, StoreError> {
         let dir = self.gen_dir.join(id.as_str());
@@ -95,7 +96,7 @@ impl FileStore {
 fn write_atomically(
     dir: &Path,
     name: &str,
-    img: &Image,
+    img: &RgbImage,
     format: ImageFormat,
 ) -> Result<(), StoreError> {
     let mut builder = tempfile::Builder::new();
@@ -132,11 +133,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn img(w: u32, h: u32) -> Image {
-        Image {
+    fn img(w: u32, h: u32) -> RgbImage {
+        RgbImage {
             width: w,
             height: h,
-            rgb: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
+            data: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
         }
     }
 
@@ -219,10 +220,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let id = RequestId::generate();
-        let bad = Image {
+        let bad = RgbImage {
             width: 4,
             height: 4,
-            rgb: vec![0; 5],
+            data: vec![0; 5],
         };
         assert!(store.save(&id, &[bad], ImageFormat::Png).is_err());
         assert!(!dir.path().join("files/gen").join(id.as_str()).exists());
