@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use diffusiond::pipeline::z_image::vae::{VaeConfig, VaeDecoder};
+use diffusiond::pipeline::vae::{VaeConfig, VaeDecoder};
 use diffusiond::pipeline::{ModelFiles, WeightSource};
 
 #[global_allocator]

@@ -11,7 +11,10 @@ pub mod image;
 pub mod kernels;
 pub mod load;
 pub mod noise;
+pub mod prompt;
+pub mod qwen3;
 pub mod sampler;
+pub mod vae;
 pub mod z_image;
 
 pub use denoise::{Conditioning, DenoiseItem, GenerateSpec};

@@ -7,23 +7,19 @@ pub mod attention_cuda;
 pub mod block;
 pub mod config;
 pub mod linear;
-pub mod prompt;
 pub mod rope;
-pub mod text_encoder;
-pub mod tiling;
 pub mod transformer;
-pub mod vae;
 
 use candle_core::{DType, Device, Tensor};
 
 use self::config::TransformerConfig;
-use self::prompt::PromptTokenizer;
-use self::text_encoder::TextEncoder;
 use self::transformer::{check_caption_width, ItemInput, Transformer};
-use self::vae::{VaeConfig, VaeDecoder};
 use super::error::{load_err, Result};
 use super::load::ModelFiles;
+use super::prompt::PromptTokenizer;
+use super::qwen3::{self as text_encoder, TextEncoder};
 use super::sampler::SchedulerConfig;
+use super::vae::{tiling, VaeConfig, VaeDecoder};
 
 /// A loaded Z-Image pipeline on one device.
 pub struct ZImage {

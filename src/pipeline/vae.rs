@@ -4,6 +4,8 @@
 //! ops off CPU f32); each resnet's GroupNorm + SiLU runs inside the convolution that follows it,
 //! the upsamplers' nearest 2x inside their convolution, and the residual add inside `conv2`.
 
+pub mod tiling;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
@@ -128,7 +130,7 @@ impl AttnBlock {
         let q = self.to_q.forward(&hs)?.unsqueeze(1)?;
         let k = self.to_k.forward(&hs)?.unsqueeze(1)?;
         let v = self.to_v.forward(&hs)?.unsqueeze(1)?;
-        let out = super::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
+        let out = crate::pipeline::z_image::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
         let out = self
             .to_out
             .forward(&out)?
