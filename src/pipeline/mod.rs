@@ -7,6 +7,7 @@ pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod family;
+pub mod flux2;
 pub mod image;
 pub mod kernels;
 pub mod load;
@@ -19,6 +20,7 @@ pub mod z_image;
 
 pub use denoise::{Conditioning, DenoiseItem, GenerateSpec};
 pub use error::{PipelineError, Result};
+pub use flux2::Flux2Klein;
 pub use image::RgbImage;
 pub use load::{ModelFiles, WeightSource};
 pub use sampler::Guidance;
