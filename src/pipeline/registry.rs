@@ -5,6 +5,7 @@ use candle_core::DType;
 
 use super::error::{load_err, Result};
 use super::family::{Family, LoadOptions};
+use super::flux2::Flux2Klein;
 use super::load::ModelFiles;
 use super::z_image::ZImage;
 
@@ -19,20 +20,26 @@ pub struct FamilyEntry {
 }
 
 fn load_z_image(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn Family>> {
-    Ok(Box::new(ZImage::load_with(
-        files,
-        &opts.device,
-        opts.dtype,
-        opts.offload_text_encoder,
-    )?))
+    Ok(Box::new(ZImage::load_opts(files, opts)?))
+}
+
+fn load_flux2_klein(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn Family>> {
+    Ok(Box::new(Flux2Klein::load(files, opts)?))
 }
 
 /// Every family of this build.
-pub const FAMILIES: &[FamilyEntry] = &[FamilyEntry {
-    name: "z-image",
-    class_name: "ZImagePipeline",
-    load: load_z_image,
-}];
+pub const FAMILIES: &[FamilyEntry] = &[
+    FamilyEntry {
+        name: "z-image",
+        class_name: "ZImagePipeline",
+        load: load_z_image,
+    },
+    FamilyEntry {
+        name: "flux2-klein",
+        class_name: "Flux2KleinPipeline",
+        load: load_flux2_klein,
+    },
+];
 
 /// The family names, comma-separated, for messages.
 pub fn family_names() -> String {

@@ -1,8 +1,14 @@
-//! The VAE decoder of `AutoencoderKL` (the Flux VAE): latents -> image in [-1, 1], NCHW.
+//! The VAE decoder of `AutoencoderKL` (the Flux VAE, Z-Image) and `AutoencoderKLFlux2`
+//! (FLUX.2): latents -> image in [-1, 1], NCHW. Shared by the families; each de-normalises its
+//! latents in its own module (Z-Image: scaling and shift factors; FLUX.2: batch-norm statistics)
+//! and hands the decoder the result, which goes through `post_quant_conv` when the checkpoint
+//! has one.
 //!
 //! Convolutions and GroupNorms are the fast layers of [`crate::pipeline::kernels`] (candle's own
 //! ops off CPU f32); each resnet's GroupNorm + SiLU runs inside the convolution that follows it,
 //! the upsamplers' nearest 2x inside their convolution, and the residual add inside `conv2`.
+
+pub mod tiling;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
@@ -24,9 +30,14 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default)]
     pub use_post_quant_conv: Option<bool>,
-    pub scaling_factor: f64,
+    /// Z-Image's latent scale (absent in FLUX.2's VAE).
+    #[serde(default)]
+    pub scaling_factor: Option<f64>,
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// FLUX.2's batch-norm epsilon of the latent statistics.
+    #[serde(default)]
+    pub batch_norm_eps: Option<f64>,
     #[serde(default)]
     pub act_fn: Option<String>,
 }
@@ -128,7 +139,7 @@ impl AttnBlock {
         let q = self.to_q.forward(&hs)?.unsqueeze(1)?;
         let k = self.to_k.forward(&hs)?.unsqueeze(1)?;
         let v = self.to_v.forward(&hs)?.unsqueeze(1)?;
-        let out = super::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
+        let out = crate::pipeline::z_image::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
         let out = self
             .to_out
             .forward(&out)?
@@ -144,6 +155,7 @@ struct UpBlock {
 }
 
 pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid_resnet_0: ResnetBlock,
     mid_attn: Option<AttnBlock>,
@@ -159,14 +171,17 @@ impl VaeDecoder {
         if cfg.block_out_channels.is_empty() {
             return Err(load_err("vae block_out_channels is empty"));
         }
-        if cfg.use_post_quant_conv == Some(true) {
-            return Err(load_err("vae with post_quant_conv is not supported"));
-        }
         if let Some(act) = &cfg.act_fn {
             if act != "silu" {
                 return Err(load_err(format!("vae act_fn '{act}' unsupported")));
             }
         }
+        let post_quant_conv = if cfg.use_post_quant_conv == Some(true) {
+            let c = cfg.latent_channels;
+            Some(conv1(c, c, vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
         let vb = vb.pp("decoder");
         let g = cfg.norm_num_groups;
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -191,6 +206,7 @@ impl VaeDecoder {
             prev = out;
         }
         Ok(Self {
+            post_quant_conv,
             conv_in: conv3(cfg.latent_channels, top, vb.pp("conv_in"))?,
             mid_resnet_0: ResnetBlock::new(top, top, g, mid.pp("resnets.0"))?,
             mid_attn: if cfg.mid_block_add_attention {
@@ -214,14 +230,9 @@ impl VaeDecoder {
         &self.cfg
     }
 
-    /// Decode denoised latents `(B, C, h, w)` (f32): `z = latents / scaling + shift`, then the
-    /// decoder. Returns the image in [-1, 1] as f32 `(B, 3, H, W)`.
-    pub fn decode(&self, latents: &Tensor, dtype: DType) -> Result<Tensor> {
-        let z = ((latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0))?;
-        self.decode_scaled(&z.to_dtype(dtype)?)
-    }
-
-    /// The decoder proper on already scaled and shifted latents.
+    /// The decoder proper (after `post_quant_conv` when there is one) on de-normalised latents
+    /// `(B, latent_channels, h, w)` in the run dtype: the argument of diffusers' `vae.decode`.
+    /// Returns the image in [-1, 1] as f32 `(B, 3, H, W)`.
     ///
     /// On the CPU the batch is decoded one image at a time: the work per image is the same, and
     /// the activations of one image (tens of MB at 256x256) are reused by the allocator from
@@ -240,7 +251,10 @@ impl VaeDecoder {
 
     /// The decoder on a whole batch at once.
     fn decode_batch(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(z)?;
+        let mut x = match &self.post_quant_conv {
+            Some(c) => self.conv_in.forward(&c.forward(z)?)?,
+            None => self.conv_in.forward(z)?,
+        };
         x = self.mid_resnet_0.forward(&x)?;
         if let Some(a) = &self.mid_attn {
             x = a.forward(&x)?;

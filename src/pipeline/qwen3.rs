@@ -1,8 +1,11 @@
-//! Qwen3 text encoder, run up to the layer whose output the pipeline uses (`hidden_states[-2]`).
+//! Qwen3 text encoder, shared by the families: each says which hidden states it reads
+//! (Z-Image: `hidden_states[-2]` of the unpadded ids; FLUX.2 [klein]: states 9, 18 and 27 side by
+//! side, over a right-padded sequence), and only the layers up to the last of those are loaded.
 //!
 //! Follows transformers' `Qwen3Model`: RMSNorm before attention and MLP, q/k RMSNorm per head,
 //! rotate-half RoPE with f32 angles, grouped-query causal attention, SwiGLU MLP. Tensors carry the
-//! checkpoint's `model.` prefix. The final layer and final norm are never needed and not loaded.
+//! checkpoint's `model.` prefix. Hidden state 0 is the embedding output, state k the output of
+//! layer k-1; the final norm is never needed and not loaded.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
@@ -146,20 +149,37 @@ impl Layer {
 pub struct TextEncoder {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
+    /// Hidden-state indices read, in the order their vectors are concatenated.
+    states: Vec<usize>,
     cfg: Config,
     dtype: DType,
     device: Device,
 }
 
+/// The hidden state Z-Image reads: `hidden_states[-2]`, the output of the second-to-last layer.
+pub fn second_to_last(cfg: &Config) -> Result<Vec<usize>> {
+    if cfg.num_hidden_layers < 2 {
+        return Err(load_err(
+            "text encoder needs at least 2 layers (the pipeline uses hidden_states[-2])",
+        ));
+    }
+    Ok(vec![cfg.num_hidden_layers - 1])
+}
+
 impl TextEncoder {
-    /// Loads `model.embed_tokens` and layers `0..num_hidden_layers-1` (their output is
-    /// `hidden_states[-2]`).
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_hidden_layers < 2 {
-            return Err(load_err(
-                "text encoder needs at least 2 layers (the pipeline uses hidden_states[-2])",
-            ));
-        }
+    /// Loads `model.embed_tokens` and the layers up to the last hidden state of `states`
+    /// (indices into `hidden_states`: 0 the embeddings, k the output of layer k-1; the final
+    /// normed state `num_hidden_layers` is not supported).
+    pub fn new(cfg: &Config, states: &[usize], vb: VarBuilder) -> Result<Self> {
+        let last = match states.iter().max() {
+            Some(&m) if m < cfg.num_hidden_layers => m,
+            _ => {
+                return Err(load_err(format!(
+                    "text encoder hidden states {states:?} not readable from {} layers",
+                    cfg.num_hidden_layers
+                )))
+            }
+        };
         if let Some(act) = &cfg.hidden_act {
             if act != "silu" {
                 return Err(load_err(format!(
@@ -177,12 +197,13 @@ impl TextEncoder {
         }
         let vb = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers - 1)
+        let layers = (0..last)
             .map(|i| Layer::new(cfg, vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens,
             layers,
+            states: states.to_vec(),
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -191,6 +212,11 @@ impl TextEncoder {
 
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
+    }
+
+    /// Width of the features [`Self::encode`] returns: `hidden_size` per state read.
+    pub fn feature_size(&self) -> usize {
+        self.cfg.hidden_size * self.states.len()
     }
 
     /// The RoPE tables for positions 0..len, computed as transformers does (f32 inverse
@@ -216,46 +242,72 @@ impl TextEncoder {
         Ok((cos, sin))
     }
 
-    /// Encode one prompt's (unpadded) ids into its caption features `(L, hidden)`: the output
-    /// of layer `num_hidden_layers - 2`, before any final norm.
+    /// Encode one prompt's unpadded ids into its features `(L, feature_size)`.
     pub fn encode(&self, ids: &[u32]) -> Result<Tensor> {
-        let mut states = self.run(ids, false)?;
-        states
-            .pop()
-            .ok_or_else(|| PipelineError::InvalidInput("empty token sequence".into()))
+        self.encode_padded(ids, ids.len())
     }
 
-    /// The output of every layer up to the used one (`hidden_states[0..=num_layers-2]`), for
+    /// Encode ids of which the first `valid` are the prompt and the rest right padding, as the
+    /// reference runs a padded batch: every query (pad rows included, at their own positions)
+    /// attends to the prompt tokens at or before it and never to a pad token, so a pad row is
+    /// the pad embedding attending to the whole prompt. Returns `(ids.len(), feature_size)`:
+    /// the states read, concatenated per token in the order given at load.
+    pub fn encode_padded(&self, ids: &[u32], valid: usize) -> Result<Tensor> {
+        let all = self.run(ids, valid, false)?;
+        let mut picked = Vec::with_capacity(self.states.len());
+        for &k in &self.states {
+            if let Some(Some(t)) = all.get(k) {
+                picked.push(t.clone());
+            }
+        }
+        if picked.len() == 1 {
+            return Ok(picked.swap_remove(0));
+        }
+        Ok(Tensor::cat(&picked, 1)?)
+    }
+
+    /// Every hidden state up to the last one read (`hidden_states[0..=max]`), for
     /// stage-by-stage checks against the reference.
     pub fn hidden_states(&self, ids: &[u32]) -> Result<Vec<Tensor>> {
-        self.run(ids, true)
+        self.hidden_states_padded(ids, ids.len())
     }
 
-    fn run(&self, ids: &[u32], keep_all: bool) -> Result<Vec<Tensor>> {
+    /// As [`Self::hidden_states`] for a right-padded sequence (see [`Self::encode_padded`]).
+    pub fn hidden_states_padded(&self, ids: &[u32], valid: usize) -> Result<Vec<Tensor>> {
+        Ok(self.run(ids, valid, true)?.into_iter().flatten().collect())
+    }
+
+    /// The hidden states up to the last one read; with `keep_all` false only the states read
+    /// are kept (`None` for the others).
+    fn run(&self, ids: &[u32], valid: usize, keep_all: bool) -> Result<Vec<Option<Tensor>>> {
         let l = ids.len();
-        if l == 0 {
-            return Err(PipelineError::InvalidInput("empty token sequence".into()));
+        if l == 0 || valid == 0 || valid > l {
+            return Err(PipelineError::InvalidInput(format!(
+                "bad token sequence: {valid} prompt tokens of {l}"
+            )));
         }
         let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&ids_t)?;
         let (cos, sin) = self.rope_tables(l)?;
-        // Causal mask: prompts are encoded unpadded, so no padding mask is needed.
+        // Causal mask over the prompt tokens only (row i sees keys j <= i with j < valid).
         let mask: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                (0..l).map(move |j| {
+                    if j <= i && j < valid {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (l, l), &self.device)?.to_dtype(self.dtype)?;
-        let mut out = Vec::new();
-        if keep_all {
-            out.push(x.squeeze(0)?);
-        }
-        for layer in &self.layers {
+        let keep = |k: usize| keep_all || self.states.contains(&k);
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        out.push(keep(0).then(|| x.squeeze(0)).transpose()?);
+        for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &cos, &sin, &mask)?;
-            if keep_all {
-                out.push(x.squeeze(0)?);
-            }
-        }
-        if !keep_all {
-            out.push(x.squeeze(0)?);
+            out.push(keep(i + 1).then(|| x.squeeze(0)).transpose()?);
         }
         Ok(out)
     }
