@@ -6,7 +6,7 @@ Qwen tokenizer; published repo layout).
 
     python make_bench_model.py --out MODEL_DIR [--seed 0] [--reference DIR]
 
-The weights are ~150 MB in float32: write them outside the repository (scripts/bench-model-flux2 does).
+The weights are ~210 MB in float32: write them outside the repository (scripts/bench-model-flux2 does).
 """
 import argparse
 import os
