@@ -15,7 +15,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-pub use keys::{CreatedKey, KeyInfo, NewKey};
+pub use keys::{KeyInfo, NewKey};
 pub use ledger::Reservation;
 
 /// File name of the database inside the data directory.

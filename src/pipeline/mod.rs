@@ -3,6 +3,7 @@
 //! The layers above see plain types ([`GenerateSpec`], [`RgbImage`]) and opaque handles
 //! ([`DenoiseItem`], [`Conditioning`]).
 
+pub mod attention;
 pub mod denoise;
 pub mod device;
 pub mod error;
