@@ -2,6 +2,7 @@
 //! HTTP server, and graceful shutdown. Also the `keys` admin commands.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,21 +12,39 @@ use crate::accounts::{Accounts, KeyInfo, NewKey};
 use crate::catalog::{Catalog, Pipeline};
 use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs, WeightsOverride};
 use crate::http::{self, AppState, PublicUrl};
-use crate::infer::{AuthPolicy, Facade, Generator};
+use crate::infer::{AuthPolicy, Facade, Generator, WorkerState};
 use crate::scheduler::{self, Job, SchedulerConfig, SchedulerHandle, SubmitError, Ticket};
 use crate::store::FileStore;
 
-impl Generator for SchedulerHandle {
+/// The scheduler as the facade's generator, with the state `GET /health` reports: `Stopped` from
+/// the shutdown signal on or once the device thread is gone, `Ready` otherwise. (HTTP is served
+/// only after the first pipeline is loaded and warm, so there is no loading state to report.)
+struct DeviceWorker {
+    scheduler: SchedulerHandle,
+    stopping: AtomicBool,
+}
+
+impl Generator for DeviceWorker {
+    fn worker_state(&self) -> WorkerState {
+        if self.stopping.load(Ordering::SeqCst) || !self.scheduler.is_running() {
+            WorkerState::Stopped
+        } else {
+            WorkerState::Ready
+        }
+    }
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
-        SchedulerHandle::submit(self, job)
+        self.scheduler.submit(job)
     }
     fn loaded_pipelines(&self) -> Vec<String> {
-        SchedulerHandle::loaded_pipelines(self)
+        self.scheduler.loaded_pipelines()
     }
     fn metrics_text(&self) -> String {
-        SchedulerHandle::metrics_text(self)
+        self.scheduler.metrics_text()
     }
 }
+
+/// How long shutdown waits for outstanding refunds to reach the database.
+const REFUND_WAIT: Duration = Duration::from_secs(10);
 
 /// `--data-dir`, or the per-user data directory.
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -50,7 +69,14 @@ pub fn pipeline_configs(
     catalog: &Catalog,
     overrides: &[WeightsOverride],
 ) -> anyhow::Result<Vec<Pipeline>> {
-    let mut configs: Vec<Pipeline> = catalog.used_pipelines().into_iter().cloned().collect();
+    let mut configs: Vec<Pipeline> = Vec::new();
+    for m in catalog.models() {
+        if configs.iter().all(|c| c.name != m.pipeline) {
+            if let Some(p) = catalog.pipeline(&m.pipeline) {
+                configs.push(p.clone());
+            }
+        }
+    }
     for o in overrides {
         let Some(c) = configs.iter_mut().find(|c| c.name == o.pipeline) else {
             let known: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
@@ -84,8 +110,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::Keys
     });
 
-    let accounts = Accounts::open(&data_dir).await?;
+    // The lock first: no other server may be migrating or repairing the same database.
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(&data_dir)?;
+    let accounts = Accounts::open(&data_dir).await?;
     let refunded = accounts.refund_stale_reservations().await?;
     if refunded > 0 {
         tracing::warn!("refunded {refunded} request(s) left unfinished by the previous run");
@@ -109,9 +138,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::Open => AuthPolicy::Open,
         AuthMode::Keys => AuthPolicy::Keys(accounts.clone()),
     };
-    let facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()));
+    let worker = Arc::new(DeviceWorker {
+        scheduler: scheduler.clone(),
+        stopping: AtomicBool::new(false),
+    });
+    let facade = Arc::new(Facade::new(catalog, policy, store, worker.clone()));
     let state = AppState::new(
-        Arc::new(facade),
+        facade.clone(),
         PublicUrl::new(args.public_url.as_deref(), bound),
     );
     let auth = match mode {
@@ -126,8 +159,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%bound, auth, data_dir = %data_dir.display(), "ready");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+    let server = http::serve(listener, state, async move {
         shutdown_signal().await;
+        worker.stopping.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);
     });
@@ -146,9 +180,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let s = scheduler.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
-    // Let refunds spawned by dropped requests reach the database; the next start repairs any that
-    // do not.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait for the refunds of the requests that failed or were dropped to reach the database;
+    // the next start repairs any that do not within the limit.
+    if tokio::time::timeout(REFUND_WAIT, facade.reservations_resolved())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "refunds still pending after {}s: the next start makes them",
+            REFUND_WAIT.as_secs()
+        );
+    }
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())

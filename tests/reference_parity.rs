@@ -356,19 +356,13 @@ fn alt_architecture_reference_cases() {
     run_reference_dir(&crate_dir().join("tests/fixtures/reference-alt"));
 }
 
-/// The FLUX.2 fixture sets: the public one, and our own second set when it is in the tree.
+/// The FLUX.2 fixture sets: the public one (`$DIFFUSIOND_REFERENCE_FLUX2`) and our own second
+/// set (`tests/fixtures/reference-flux2-alt`: seed 5, other dimensions; see its README).
 fn flux2_sets() -> Vec<PathBuf> {
-    let mut sets = vec![flux2::reference_dir()];
-    let alt = crate_dir().join("tests/fixtures/reference-flux2-alt");
-    if alt.is_dir() {
-        sets.push(alt);
-    } else {
-        eprintln!(
-            "NOTE: {} is not in this tree; only the public FLUX.2 set runs",
-            alt.display()
-        );
-    }
-    sets
+    vec![
+        flux2::reference_dir(),
+        crate_dir().join("tests/fixtures/reference-flux2-alt"),
+    ]
 }
 
 #[test]

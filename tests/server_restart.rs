@@ -138,6 +138,11 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
             "z-image-turbo={}",
             server_support::tiny_model().display()
         ))
+        .arg("--weights")
+        .arg(format!(
+            "flux2-klein={}",
+            server_support::tiny_flux2_model().display()
+        ))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -21,7 +21,7 @@ use sqlx::SqlitePool;
 use self::health::WriteHealth;
 use self::write::WriteTx;
 
-pub use keys::{CreatedKey, KeyInfo, NewKey};
+pub use keys::{KeyInfo, NewKey};
 pub use ledger::Reservation;
 
 /// File name of the database inside the data directory.

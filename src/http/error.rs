@@ -17,7 +17,7 @@ pub enum ApiError {
     /// The body is not JSON, not an object, or a field has the wrong JSON type.
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("the request body is larger than 64 KiB")]
+    #[error("the request body is larger than {} KiB", super::extract::MAX_BODY_BYTES / 1024)]
     TooLarge,
     #[error("not found")]
     NotFound,

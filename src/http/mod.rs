@@ -9,6 +9,7 @@ mod generate;
 mod metrics;
 mod models;
 mod ops;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +20,8 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::MAX_BODY_BYTES;
 pub use metrics::HttpMetrics;
+pub use serve::serve;
 
 use crate::infer::Facade;
 

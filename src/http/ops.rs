@@ -7,14 +7,23 @@ use axum::Json;
 use serde_json::json;
 
 use super::AppState;
+use crate::infer::WorkerState;
+use crate::metrics::{Exposition, CONTENT_TYPE};
 
-/// 200 once the server takes requests (it binds only after the pipelines are loaded and warm);
-/// 503 with the reason while the accounts database cannot be written (a full disk, say), until a
-/// write goes through again.
+/// 200 once the server takes requests (it binds only after the first pipeline is loaded and
+/// warm); 503 with the reason once the device worker stopped, or while the accounts database
+/// cannot be written (a full disk, say), until a write goes through again.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let (status, label, reason) = match state.facade.check_writable().await {
-        Ok(()) => (StatusCode::OK, "ok", None),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(reason)),
+    let (status, label, reason) = match state.facade.worker_state() {
+        WorkerState::Stopped => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopped",
+            Some("the device worker stopped".to_string()),
+        ),
+        WorkerState::Ready => match state.facade.check_writable().await {
+            Ok(()) => (StatusCode::OK, "ok", None),
+            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(reason)),
+        },
     };
     let mut body = json!({
         "status": label,
@@ -28,12 +37,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let mut text = state.facade.metrics_text();
-    state.http_metrics.render(&mut text);
-    let mut res = text.into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    let mut out = Exposition::default();
+    state.facade.render_metrics(&mut out);
+    state.http_metrics.render(&mut out);
+    let mut res = out.finish().into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     res
 }

@@ -7,17 +7,19 @@ use axum::http::{Request, StatusCode};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use super::extract::MAX_BODY_BYTES;
 use super::*;
 use crate::accounts::{Accounts, NewKey};
 use crate::catalog::Catalog;
 use crate::infer::fake::{Fake, Mode};
-use crate::infer::AuthPolicy;
+use crate::infer::{AuthPolicy, WorkerState};
 use crate::store::FileStore;
 
 struct T {
     _dir: tempfile::TempDir,
     app: Router,
     key: String,
+    fake: Arc<Fake>,
 }
 
 async fn app(keys: bool) -> T {
@@ -37,11 +39,12 @@ async fn app(keys: bool) -> T {
     } else {
         AuthPolicy::Open
     };
+    let fake = Fake::new(Mode::Succeed);
     let facade = Facade::new(
         Catalog::builtin().unwrap(),
         policy,
         FileStore::open(dir.path()).unwrap(),
-        Fake::new(Mode::Succeed),
+        fake.clone(),
     );
     let url = PublicUrl::new(
         Some("http://example.test:9/"),
@@ -51,6 +54,7 @@ async fn app(keys: bool) -> T {
         _dir: dir,
         app: router(AppState::new(Arc::new(facade), url)),
         key,
+        fake,
     }
 }
 
@@ -259,6 +263,25 @@ async fn health_and_metrics() {
     let r = send(&t.app, get("/metrics")).await;
     let text = String::from_utf8(r.bytes).unwrap();
     assert!(text.contains("diffusiond_http_responses_total{method=\"POST\",route=\"/v1/generate\",status=\"400\",code=\"missing_prompt\"} 1"), "{text}");
+}
+
+/// `/health` follows the device worker: 503 once it stopped.
+#[tokio::test]
+async fn health_reports_the_worker_state() {
+    let t = app(false).await;
+    for (state, status, word) in [
+        (
+            WorkerState::Stopped,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopped",
+        ),
+        (WorkerState::Ready, StatusCode::OK, "ok"),
+    ] {
+        *t.fake.state.lock().unwrap() = state;
+        let r = send(&t.app, get("/health")).await;
+        assert_eq!(r.status, status, "{state:?}");
+        assert_eq!(r.json()["status"], word, "{state:?}");
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::Generator;
+use super::{Generator, WorkerState};
 use crate::image::RgbImage;
 use crate::scheduler::{CancelFlag, Job, JobError, SubmitError, Ticket};
 
@@ -24,6 +24,8 @@ pub enum Mode {
 pub struct Fake {
     pub mode: Mutex<Mode>,
     pub flags: Mutex<Vec<CancelFlag>>,
+    /// What `worker_state` answers (`Ready` at first).
+    pub state: Mutex<WorkerState>,
     // Keep the senders of hanging jobs alive.
     pending: Mutex<Vec<Reply>>,
 }
@@ -33,12 +35,16 @@ impl Fake {
         Arc::new(Self {
             mode: Mutex::new(mode),
             flags: Mutex::new(Vec::new()),
+            state: Mutex::new(WorkerState::Ready),
             pending: Mutex::new(Vec::new()),
         })
     }
 }
 
 impl Generator for Fake {
+    fn worker_state(&self) -> WorkerState {
+        *self.state.lock().unwrap()
+    }
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
         if mode == Mode::QueueFull {

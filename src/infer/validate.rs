@@ -81,7 +81,9 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
     let n = raw.num_images.unwrap_or(1);
     if !NUM_IMAGES_RANGE.contains(&n) {
         return Err(ValidationError::InvalidNumImages(format!(
-            "num_images is {n}; it must be 1 to 4"
+            "num_images is {n}; it must be {} to {}",
+            NUM_IMAGES_RANGE.start(),
+            NUM_IMAGES_RANGE.end()
         )));
     }
     let n = n as u32; // 1..=4
@@ -91,13 +93,25 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         Some(s) => u32::try_from(s)
             .ok()
             .filter(|s| STEPS_RANGE.contains(s))
-            .ok_or_else(|| param(format!("steps is {s}; it must be 1 to 100")))?,
+            .ok_or_else(|| {
+                param(format!(
+                    "steps is {s}; it must be {} to {}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end()
+                ))
+            })?,
     };
     let guidance_scale = match raw.guidance_scale {
         None => pipeline.guidance_scale,
         Some(g) => Some(g as f32)
             .filter(|g| g.is_finite() && GUIDANCE_RANGE.contains(g))
-            .ok_or_else(|| param(format!("guidance_scale is {g}; it must be 0 to 20")))?,
+            .ok_or_else(|| {
+                param(format!(
+                    "guidance_scale is {g}; it must be {} to {}",
+                    GUIDANCE_RANGE.start(),
+                    GUIDANCE_RANGE.end()
+                ))
+            })?,
     };
     let first_seed = match raw.seed {
         None => rand::random::<u64>(),
@@ -234,10 +248,15 @@ mod tests {
         assert_eq!(v.credits, 250);
         assert_eq!((v.job.width, v.job.height), (1024, 1024));
         assert_eq!(v.job.seeds.len(), 1);
-        assert_eq!(v.job.steps, 8);
+        assert_eq!(
+            v.job.steps, 4,
+            "FLUX.2 [klein] serves flux-2-pro at its 4 steps"
+        );
         assert_eq!(v.job.guidance_scale, 0.0);
-        assert_eq!(v.job.pipeline, "z-image-turbo");
+        assert_eq!(v.job.pipeline, "flux2-klein");
         assert_eq!(v.job.negative_prompt, "");
+        let z = validate(&catalog(), req("z-image-turbo")).unwrap();
+        assert_eq!((z.job.pipeline.as_str(), z.job.steps), ("z-image-turbo", 8));
         assert_eq!(v.format, ImageFormat::Jpeg);
     }
 

@@ -4,6 +4,7 @@
 //! ([`Family`], loaded through [`registry`]) and opaque handles ([`DenoiseItem`],
 //! [`Conditioning`]).
 
+pub mod attention;
 pub mod denoise;
 pub mod device;
 pub mod error;

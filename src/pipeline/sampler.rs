@@ -203,7 +203,11 @@ mod tests {
     #[test]
     fn no_step_has_zero_length() {
         for n in 1..60 {
-            let s = sigmas(&turbo(), n).unwrap_or_default();
+            let s = match sigmas(&turbo(), n) {
+                Ok(s) => s,
+                Err(e) => panic!("n={n}: {e}"),
+            };
+            assert_eq!(s.len(), n + 1, "n={n}: {s:?}");
             assert!(s.windows(2).all(|w| w[1] < w[0]), "n={n}: {s:?}");
         }
     }

@@ -139,7 +139,7 @@ impl AttnBlock {
         let q = self.to_q.forward(&hs)?.unsqueeze(1)?;
         let k = self.to_k.forward(&hs)?.unsqueeze(1)?;
         let v = self.to_v.forward(&hs)?.unsqueeze(1)?;
-        let out = crate::pipeline::z_image::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
+        let out = crate::pipeline::attention::attention(&q, &k, &v, None)?; // (B, HW, C)
         let out = self
             .to_out
             .forward(&out)?

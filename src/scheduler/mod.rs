@@ -329,6 +329,15 @@ impl SchedulerHandle {
             .len()
     }
 
+    /// Whether the device thread is still running (false once it stopped or died).
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
     /// Names of the pipelines jobs may name.
     pub fn known_pipelines(&self) -> Vec<String> {
         self.pipelines.as_ref().clone()

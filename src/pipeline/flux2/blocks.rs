@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 
 use super::config::TransformerConfig;
 use super::rope;
+use crate::pipeline::attention::attention;
 use crate::pipeline::error::Result;
-use crate::pipeline::z_image::attention::attention;
 use crate::pipeline::z_image::linear::{Dense, SwiGlu};
 
 /// Norm statistics are computed in f32, or f64 for an f64 run (checks).

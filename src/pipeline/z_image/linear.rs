@@ -1,7 +1,7 @@
 //! Dense layers, loaded once into the layout their GEMM reads fastest.
 //!
 //! - On a CPU with AVX-512 (f32 weights) the weight is packed into the panels of our own GEMM
-//!   (`kernels::PackedDense`) at load and the checkpoint layout is dropped: no call repacks it.
+//!   (`kernels::PackedDense`, the candle-op tier) at load and the checkpoint layout is dropped: no call repacks it.
 //! - Everywhere else (GPU, other dtypes, other CPUs) it is stored pre-transposed as `(in, out)`
 //!   for candle's matmul.
 //!

@@ -1,9 +1,5 @@
 //! Z-Image (Turbo): Qwen3 text encoder, single-stream DiT, Flux VAE, flow-matching Euler.
 
-pub mod attention;
-pub mod attention_cpu;
-#[cfg(feature = "flash-attn")]
-pub mod attention_cuda;
 pub mod block;
 pub mod config;
 pub mod family;

@@ -1,4 +1,4 @@
-//! Attention on CPUs with AVX-512, built on the dense GEMM's 8 x 48 micro-kernel.
+//! The attention slice kernel for CPUs with AVX-512, built on the dense GEMM's 8 x 48 micro-kernel.
 //!
 //! Per (item, head) the keys are packed into 8-key micro-panels (`[d][8]`) and the values into
 //! 8-dim micro-panels (`[j][8]`), once. Then per block of up to 96 queries (two 48-query panels):
@@ -18,17 +18,18 @@
 use pulp::{f32x16, x86::V4, Simd};
 use rayon::prelude::*;
 
-use super::dense::{kernel, run, MR, NR};
-use super::simd;
+use crate::pipeline::kernels::avx2;
+use crate::pipeline::kernels::avx512::dense::{kernel, DENSE_MR, DENSE_NR};
+use crate::pipeline::kernels::avx512::run;
 
 /// Queries per task (one panel): 6 tasks per item at 288 tokens keep two cores balanced.
-const TASK_ROWS: usize = NR;
+const TASK_ROWS: usize = DENSE_NR;
 /// Queries one `block` call takes at most: two panels.
-const QBLOCK: usize = 2 * NR;
+const QBLOCK: usize = 2 * DENSE_NR;
 
 /// Shapes of one call: batch, query heads, kv heads, padded sequence, head dim.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+struct Dims {
     pub b: usize,
     pub h: usize,
     pub hkv: usize,
@@ -36,9 +37,30 @@ pub(crate) struct Dims {
     pub d: usize,
 }
 
+/// [`attention`] when this CPU has AVX-512 (and `DIFFUSIOND_DISABLE_SIMD` is unset), else `None`.
+pub(super) fn try_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, h, hkv, s, d): (usize, usize, usize, usize, usize),
+    lens: &[usize],
+    scale: f32,
+) -> Option<Vec<f32>> {
+    let s4 = crate::pipeline::kernels::avx512::token()?;
+    Some(attention(
+        s4,
+        q,
+        k,
+        v,
+        Dims { b, h, hkv, s, d },
+        lens,
+        scale,
+    ))
+}
+
 /// `softmax(q k^T * scale) v` for `q (B, H, S, D)`, `k`/`v (B, Hkv, S, D)` (contiguous), item `i`
 /// using its first `lens[i]` rows. Returns `(B, S, H*D)`, zero past each item's length.
-pub(crate) fn attention(
+fn attention(
     s4: V4,
     q: &[f32],
     k: &[f32],
@@ -99,12 +121,12 @@ struct Out<'a> {
 
 /// Keys `(len, d)` -> micro-panels of 8 keys, `[d][8]` each, zero-padded.
 fn pack_keys(k: &[f32], len: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; len.div_ceil(MR) * d * MR];
-    for (mp, dst) in out.chunks_exact_mut(d * MR).enumerate() {
-        for r in 0..MR.min(len - mp * MR) {
-            let row = &k[(mp * MR + r) * d..(mp * MR + r + 1) * d];
+    let mut out = vec![0f32; len.div_ceil(DENSE_MR) * d * DENSE_MR];
+    for (mp, dst) in out.chunks_exact_mut(d * DENSE_MR).enumerate() {
+        for r in 0..DENSE_MR.min(len - mp * DENSE_MR) {
+            let row = &k[(mp * DENSE_MR + r) * d..(mp * DENSE_MR + r + 1) * d];
             for (dd, &x) in row.iter().enumerate() {
-                dst[dd * MR + r] = x;
+                dst[dd * DENSE_MR + r] = x;
             }
         }
     }
@@ -113,11 +135,11 @@ fn pack_keys(k: &[f32], len: usize, d: usize) -> Vec<f32> {
 
 /// Values `(len, d)` -> micro-panels of 8 dims, `[j][8]` each over all `len` keys, zero-padded.
 fn pack_values(v: &[f32], len: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; d.div_ceil(MR) * len * MR];
-    for (g, dst) in out.chunks_exact_mut(len * MR).enumerate() {
-        let cols = MR.min(d - g * MR);
-        for (j, chunk) in dst.chunks_exact_mut(MR).enumerate() {
-            chunk[..cols].copy_from_slice(&v[j * d + g * MR..j * d + g * MR + cols]);
+    let mut out = vec![0f32; d.div_ceil(DENSE_MR) * len * DENSE_MR];
+    for (g, dst) in out.chunks_exact_mut(len * DENSE_MR).enumerate() {
+        let cols = DENSE_MR.min(d - g * DENSE_MR);
+        for (j, chunk) in dst.chunks_exact_mut(DENSE_MR).enumerate() {
+            chunk[..cols].copy_from_slice(&v[j * d + g * DENSE_MR..j * d + g * DENSE_MR + cols]);
         }
     }
     out
@@ -138,36 +160,38 @@ fn block(
 ) {
     let rows = q.len() / d;
     let Out { data, stride, col } = out;
-    let panels = rows.div_ceil(NR);
-    let kmicro = len.div_ceil(MR);
-    let lenp = kmicro * MR;
+    let panels = rows.div_ceil(DENSE_NR);
+    let kmicro = len.div_ceil(DENSE_MR);
+    let lenp = kmicro * DENSE_MR;
     // Q^T panels `[d][48]`, then the scores/probabilities `[j][48]` per panel.
-    let qt_len = panels * d * NR;
-    simd::with_scratch(qt_len + panels * lenp * NR, |buf| {
+    let qt_len = panels * d * DENSE_NR;
+    avx2::with_scratch(qt_len + panels * lenp * DENSE_NR, |buf| {
         let (qt, sc) = buf.split_at_mut(qt_len);
         qt.fill(0.0);
-        for (p, dst) in qt.chunks_exact_mut(d * NR).enumerate() {
-            for c in 0..NR.min(rows - p * NR) {
-                let row = &q[(p * NR + c) * d..(p * NR + c + 1) * d];
+        for (p, dst) in qt.chunks_exact_mut(d * DENSE_NR).enumerate() {
+            for c in 0..DENSE_NR.min(rows - p * DENSE_NR) {
+                let row = &q[(p * DENSE_NR + c) * d..(p * DENSE_NR + c + 1) * d];
                 for (dd, &x) in row.iter().enumerate() {
-                    dst[dd * NR + c] = x;
+                    dst[dd * DENSE_NR + c] = x;
                 }
             }
         }
-        let mut inv = [[0f32; NR]; QBLOCK / NR];
+        let mut inv = [[0f32; DENSE_NR]; QBLOCK / DENSE_NR];
         run(
             s4,
             #[inline(always)]
             || {
                 let scale16 = s4.splat_f32x16(scale);
                 for p in 0..panels {
-                    let qpanel = &qt[p * d * NR..(p + 1) * d * NR];
-                    let spanel = &mut sc[p * lenp * NR..(p + 1) * lenp * NR];
+                    let qpanel = &qt[p * d * DENSE_NR..(p + 1) * d * DENSE_NR];
+                    let spanel = &mut sc[p * lenp * DENSE_NR..(p + 1) * lenp * DENSE_NR];
                     // 1. Scores, 8 keys at a time.
                     for mp in 0..kmicro {
-                        let tile = kernel(s4, &kp[mp * d * MR..(mp + 1) * d * MR], qpanel);
+                        let tile =
+                            kernel(s4, &kp[mp * d * DENSE_MR..(mp + 1) * d * DENSE_MR], qpanel);
                         for (r, acc) in tile.iter().enumerate() {
-                            let row = &mut spanel[(mp * MR + r) * NR..(mp * MR + r + 1) * NR];
+                            let row = &mut spanel[(mp * DENSE_MR + r) * DENSE_NR
+                                ..(mp * DENSE_MR + r + 1) * DENSE_NR];
                             for (j, v) in acc.iter().enumerate() {
                                 let a: [f32; 16] = pulp::cast(s4.mul_f32x16(*v, scale16));
                                 row[16 * j..16 * (j + 1)].copy_from_slice(&a);
@@ -175,23 +199,28 @@ fn block(
                         }
                     }
                     // 2. Softmax over the `len` valid keys, 48 queries at once.
-                    inv[p] = softmax_columns(s4, &mut spanel[..len * NR]);
+                    inv[p] = softmax_columns(s4, &mut spanel[..len * DENSE_NR]);
                 }
                 // 3. O^T = V^T P, 8 dims x 48 queries per tile.
                 for p in 0..panels {
-                    let spanel = &sc[p * lenp * NR..p * lenp * NR + len * NR];
-                    let qrows = NR.min(rows - p * NR);
-                    for g in 0..d.div_ceil(MR) {
-                        let tile = kernel(s4, &vp[g * len * MR..(g + 1) * len * MR], spanel);
-                        let dims = MR.min(d - g * MR);
+                    let spanel = &sc[p * lenp * DENSE_NR..p * lenp * DENSE_NR + len * DENSE_NR];
+                    let qrows = DENSE_NR.min(rows - p * DENSE_NR);
+                    for g in 0..d.div_ceil(DENSE_MR) {
+                        let tile = kernel(
+                            s4,
+                            &vp[g * len * DENSE_MR..(g + 1) * len * DENSE_MR],
+                            spanel,
+                        );
+                        let dims = DENSE_MR.min(d - g * DENSE_MR);
                         for (r, acc) in tile.iter().enumerate().take(dims) {
-                            let mut t = [0f32; NR];
+                            let mut t = [0f32; DENSE_NR];
                             for (j, v) in acc.iter().enumerate() {
                                 let a: [f32; 16] = pulp::cast(*v);
                                 t[16 * j..16 * (j + 1)].copy_from_slice(&a);
                             }
                             for c in 0..qrows {
-                                data[(p * NR + c) * stride + col + g * MR + r] = t[c] * inv[p][c];
+                                data[(p * DENSE_NR + c) * stride + col + g * DENSE_MR + r] =
+                                    t[c] * inv[p][c];
                             }
                         }
                     }
@@ -204,8 +233,8 @@ fn block(
 /// Softmax down the columns of `x` (`[j][48]`, j over keys): `x = exp(x - max)` in place;
 /// returns `1 / sum` per column.
 #[inline(always)]
-fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
-    let (rows, _) = x.as_chunks_mut::<NR>();
+fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; DENSE_NR] {
+    let (rows, _) = x.as_chunks_mut::<DENSE_NR>();
     let mut max = [s4.splat_f32x16(f32::NEG_INFINITY); 3];
     for row in rows.iter() {
         let (v, _) = row.as_chunks::<16>();
@@ -222,7 +251,7 @@ fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
             v[j] = pulp::cast(e);
         }
     }
-    let mut inv = [0f32; NR];
+    let mut inv = [0f32; DENSE_NR];
     for j in 0..3 {
         let a: [f32; 16] = pulp::cast(sum[j]);
         for (l, &x) in a.iter().enumerate() {
@@ -232,12 +261,12 @@ fn softmax_columns(s4: V4, x: &mut [f32]) -> [f32; NR] {
     inv
 }
 
-/// `exp(x)` on 16 lanes, to about 1 ulp: the same Cephes polynomial as `simd::exp` (range
+/// `exp(x)` on 16 lanes, to about 1 ulp: the same Cephes polynomial as `kernels::avx2::exp` (range
 /// reduction `x = n ln2 + r`, `2^n` through the exponent bits), in one AVX-512 pass instead of
 /// two AVX2 halves. The softmax's exponentials cost as much as its two GEMMs at head_dim 66.
 #[inline(always)]
 fn exp16(s: V4, x: f32x16) -> f32x16 {
-    use simd::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
+    use avx2::{EXP_POLY, EXP_RANGE, LN2_HI, LN2_LO};
     let x = s.min_f32s(
         s.max_f32s(x, s.splat_f32s(EXP_RANGE.0)),
         s.splat_f32s(EXP_RANGE.1),
@@ -261,10 +290,10 @@ fn exp16(s: V4, x: f32x16) -> f32x16 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pipeline::kernels::dense::simd512;
+    use crate::pipeline::kernels::avx512::token_for_test;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        crate::pipeline::kernels::simd::test_data(len, seed, 2.0)
+        crate::pipeline::kernels::avx2::test_data(len, seed, 2.0)
     }
 
     fn reference(
@@ -305,7 +334,10 @@ mod tests {
 
     #[test]
     fn exp16_is_accurate() {
-        let Some(s4) = simd512() else { return };
+        let Some(s4) = token_for_test("pipeline::attention::avx512::tests::exp16_is_accurate")
+        else {
+            return;
+        };
         let mut x = -87.0f32;
         while x < 88.0 {
             let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.0011);
@@ -323,7 +355,11 @@ mod tests {
 
     #[test]
     fn matches_softmax_attention() {
-        let Some(s4) = simd512() else { return };
+        let Some(s4) =
+            token_for_test("pipeline::attention::avx512::tests::matches_softmax_attention")
+        else {
+            return;
+        };
         for &(b, h, hkv, s, d, ref lens) in &[
             (1, 2, 2, 40, 16, vec![40]),
             (2, 4, 2, 130, 66, vec![130, 57]),
@@ -347,7 +383,11 @@ mod tests {
 
     #[test]
     fn an_item_does_not_depend_on_its_batch() {
-        let Some(s4) = simd512() else { return };
+        let Some(s4) = token_for_test(
+            "pipeline::attention::avx512::tests::an_item_does_not_depend_on_its_batch",
+        ) else {
+            return;
+        };
         let (h, s, d) = (2, 100, 24);
         let dims = Dims {
             b: 2,

@@ -1,4 +1,4 @@
-//! CPU attention (f32). On CPUs with AVX-512 it runs `kernels::cpu_attention`; elsewhere the
+//! CPU attention (f32). On CPUs with AVX-512 it runs the slice kernel (`super::avx512`); elsewhere the
 //! portable path here: per (item, head, block of 64 queries), one GEMM for the scores,
 //! a row softmax, one GEMM for the output. The blocks run in parallel on the rayon pool, each
 //! GEMM single-threaded, so the small per-head products use every core; no (S, S) score matrix
@@ -7,8 +7,6 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
-
-use crate::pipeline::kernels;
 
 /// Queries per task.
 const BLOCK: usize = 64;
@@ -215,7 +213,7 @@ impl CustomOp3 for CpuAttention {
             candle_core::bail!("cpu attention: q/k/v sizes do not fit");
         }
         let dims = (b, h, hkv, s, d);
-        if let Some(out) = kernels::cpu_attention(q, k, v, dims, &self.lens, self.scale) {
+        if let Some(out) = super::avx512::try_attention(q, k, v, dims, &self.lens, self.scale) {
             return Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))));
         }
         let out = self.portable(q, k, v, dims)?;
@@ -227,11 +225,50 @@ impl CustomOp3 for CpuAttention {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::{exp_approx, softmax_rows, CpuAttention};
-    use crate::pipeline::kernels;
 
-    /// The AVX-512 kernel and the portable path agree (machines without AVX-512 take the latter).
+    /// `softmax(q k^T * scale) v` in f64, item `i` over its first `lens[i]` rows; `(B, S, H*D)`
+    /// with zero rows past each length.
+    fn reference(
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (b, h, hkv, s, d): (usize, usize, usize, usize, usize),
+        lens: &[usize],
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; b * s * h * d];
+        for (i, &len) in lens.iter().enumerate() {
+            for hh in 0..h {
+                let kv = (i * hkv + hh / (h / hkv)) * s * d;
+                for r in 0..len {
+                    let qr = &q[((i * h + hh) * s + r) * d..][..d];
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let kj = &k[kv + j * d..][..d];
+                            qr.iter()
+                                .zip(kj)
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    let o = &mut out[(i * s + r) * h * d + hh * d..][..d];
+                    for (j, p) in e.iter().enumerate() {
+                        for (x, &vv) in o.iter_mut().zip(&v[kv + j * d..][..d]) {
+                            *x += p / sum * vv as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The portable path (every machine) against an f64 reference, and the AVX-512 kernel
+    /// against the portable path where the CPU has it (reported skipped elsewhere).
     #[test]
-    fn portable_path_matches_the_kernel() {
+    fn portable_path_and_kernel_match_the_reference() {
         let (b, h, hkv, s, d) = (2, 4, 2, 150, 24);
         let gen = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
@@ -247,9 +284,21 @@ mod tests {
             lens: vec![150, 71],
             scale: 0.2,
         };
-        let portable = op.portable(&q, &k, &v, (b, h, hkv, s, d)).unwrap();
-        let Some(fast) = kernels::cpu_attention(&q, &k, &v, (b, h, hkv, s, d), &op.lens, 0.2)
+        let dims = (b, h, hkv, s, d);
+        let portable = op.portable(&q, &k, &v, dims).unwrap();
+        let want = reference((&q, &k, &v), dims, &op.lens, 0.2);
+        for (i, (&a, &w)) in portable.iter().zip(&want).enumerate() {
+            assert!(
+                (a as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                "[{i}]: {a} vs {w}"
+            );
+        }
+        let Some(fast) = super::super::avx512::try_attention(&q, &k, &v, dims, &op.lens, 0.2)
         else {
+            crate::pipeline::kernels::detect::skipped(
+                "pipeline::attention::cpu::tests::portable_path_and_kernel_match_the_reference (kernel part)",
+                "AVX-512",
+            );
             return;
         };
         for (i, (a, c)) in portable.iter().zip(&fast).enumerate() {

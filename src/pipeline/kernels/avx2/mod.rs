@@ -1,8 +1,14 @@
-//! Small AVX2/FMA building blocks on top of `pulp` (safe SIMD): vector loads and stores from
-//! slices, `exp`/SiLU, and the register-blocked GEMM micro-kernel the convolutions share.
+//! The AVX2 + FMA slice kernels (x86-64 `V3`), and their building blocks on top of `pulp` (safe
+//! SIMD): vector loads and stores from slices, `exp`/SiLU, and the register-blocked GEMM
+//! micro-kernel ([`CONV_MR`] x [`CONV_NR`]) the convolutions share.
 //!
 //! Everything here takes a [`V3`] token, which only exists on CPUs with AVX2 + FMA; callers
-//! fall back to candle's own ops when [`simd`] returns `None`.
+//! fall back to candle's own ops when [`token`] returns `None`.
+
+pub(crate) mod group_norm;
+pub(crate) mod pointwise;
+pub(crate) mod rows;
+pub(crate) mod winograd;
 
 use std::cell::RefCell;
 
@@ -10,14 +16,24 @@ use pulp::{f32x8, x86::V3, NullaryFnOnce, Simd};
 
 /// Lanes in one vector.
 pub(crate) const LANES: usize = 8;
-/// Columns (tiles or pixels) one micro-kernel call covers: two vectors.
-pub(crate) const NR: usize = 2 * LANES;
-/// Output channels one micro-kernel call covers at most.
-pub(crate) const MR: usize = 6;
+/// Columns (tiles or pixels) one convolution micro-kernel call covers: two vectors.
+pub(crate) const CONV_NR: usize = 2 * LANES;
+/// Output channels one convolution micro-kernel call covers at most.
+pub(crate) const CONV_MR: usize = 6;
 
-/// The AVX2 + FMA token when this CPU has it.
-pub(crate) fn simd() -> Option<V3> {
+/// The AVX2 + FMA token when this CPU has it and `DIFFUSIOND_DISABLE_SIMD` is not set.
+pub(crate) fn token() -> Option<V3> {
+    if super::detect::simd_disabled() {
+        return None;
+    }
     V3::try_new()
+}
+
+/// The token for test `test`, or `None` after reporting it skipped (a failure under
+/// `DIFFUSIOND_REQUIRE_SIMD`).
+#[cfg(test)]
+pub(crate) fn token_for_test(test: &str) -> Option<V3> {
+    super::detect::or_skip(token(), test, "AVX2 + FMA")
 }
 
 thread_local! {
@@ -156,7 +172,7 @@ pub(crate) fn affine_act(s: V3, src: &[f32], dst: &mut [f32], scale: f32, shift:
     }
 }
 
-/// The micro-kernel: `acc[c][j] = sum_k a[k * CB + c] * b[k * NR + j * 8 .. +8]` for
+/// The micro-kernel: `acc[c][j] = sum_k a[k * CB + c] * b[k * CONV_NR + j * 8 .. +8]` for
 /// `k < depth`, i.e. a `CB x depth` block of weights (packed k-major) times a packed
 /// `depth x 16` panel. Accumulation runs over `k` in order, so the result for one output does
 /// not depend on anything but its own inputs.
@@ -171,7 +187,7 @@ pub(crate) fn microkernel<const CB: usize>(
     let mut acc = [[z; 2]; CB];
     for (ak, bk) in a[..depth * CB]
         .chunks_exact(CB)
-        .zip(b[..depth * NR].chunks_exact(NR))
+        .zip(b[..depth * CONV_NR].chunks_exact(CONV_NR))
     {
         let v0 = load(s, bk, 0);
         let v1 = load(s, bk, LANES);
@@ -184,7 +200,7 @@ pub(crate) fn microkernel<const CB: usize>(
     acc
 }
 
-/// Run the micro-kernel for a block of `cb` (1..=MR) output channels and hand each channel's
+/// Run the micro-kernel for a block of `cb` (1..=CONV_MR) output channels and hand each channel's
 /// 16 results to `put(c, [f32; 16])`.
 #[inline(always)]
 pub(crate) fn microkernel_dyn(
@@ -193,14 +209,14 @@ pub(crate) fn microkernel_dyn(
     a: &[f32],
     b: &[f32],
     depth: usize,
-    mut put: impl FnMut(usize, [f32; NR]),
+    mut put: impl FnMut(usize, [f32; CONV_NR]),
 ) {
     #[inline(always)]
-    fn emit<const CB: usize>(acc: [[f32x8; 2]; CB], put: &mut impl FnMut(usize, [f32; NR])) {
+    fn emit<const CB: usize>(acc: [[f32x8; 2]; CB], put: &mut impl FnMut(usize, [f32; CONV_NR])) {
         for (c, pair) in acc.iter().enumerate() {
             let lo: [f32; LANES] = pulp::cast(pair[0]);
             let hi: [f32; LANES] = pulp::cast(pair[1]);
-            let mut out = [0f32; NR];
+            let mut out = [0f32; CONV_NR];
             out[..LANES].copy_from_slice(&lo);
             out[LANES..].copy_from_slice(&hi);
             put(c, out);
@@ -216,12 +232,12 @@ pub(crate) fn microkernel_dyn(
     }
 }
 
-/// Pack a row-major `(cout, depth)` weight matrix into `MR`-row blocks, each stored k-major
-/// (`[k][c]`), the layout [`microkernel`] reads. Block `i` starts at `i * MR * depth`.
-pub(crate) fn pack_rows(w: &[f32], cout: usize, depth: usize) -> Vec<f32> {
+/// Pack a row-major `(cout, depth)` weight matrix into `CONV_MR`-row blocks, each stored k-major
+/// (`[k][c]`), the layout [`microkernel`] reads. Block `i` starts at `i * CONV_MR * depth`.
+pub(crate) fn pack_weight_blocks(w: &[f32], cout: usize, depth: usize) -> Vec<f32> {
     let mut out = vec![0f32; cout * depth];
-    for b0 in (0..cout).step_by(MR) {
-        let cb = MR.min(cout - b0);
+    for b0 in (0..cout).step_by(CONV_MR) {
+        let cb = CONV_MR.min(cout - b0);
         let blk = &mut out[b0 * depth..(b0 + cb) * depth];
         for c in 0..cb {
             for k in 0..depth {
@@ -239,7 +255,10 @@ mod tests {
 
     #[test]
     fn exp_and_silu_match_std() {
-        let Some(s) = simd() else { return };
+        let Some(s) = token_for_test("pipeline::kernels::avx2::tests::exp_and_silu_match_std")
+        else {
+            return;
+        };
         let mut worst_exp = 0f32;
         let mut worst_silu = 0f32;
         let mut x = -90.0f32;
@@ -271,29 +290,34 @@ mod tests {
 
     #[test]
     fn microkernel_is_a_gemm() {
-        let Some(s) = simd() else { return };
+        let Some(s) = token_for_test("pipeline::kernels::avx2::tests::microkernel_is_a_gemm")
+        else {
+            return;
+        };
         let (cout, depth) = (11, 13);
         let w: Vec<f32> = (0..cout * depth).map(|i| (i % 7) as f32 - 3.0).collect();
-        let b: Vec<f32> = (0..depth * NR).map(|i| (i % 5) as f32 * 0.5).collect();
-        let packed = pack_rows(&w, cout, depth);
-        let mut got = vec![0f32; cout * NR];
-        for b0 in (0..cout).step_by(MR) {
-            let cb = MR.min(cout - b0);
+        let b: Vec<f32> = (0..depth * CONV_NR).map(|i| (i % 5) as f32 * 0.5).collect();
+        let packed = pack_weight_blocks(&w, cout, depth);
+        let mut got = vec![0f32; cout * CONV_NR];
+        for b0 in (0..cout).step_by(CONV_MR) {
+            let cb = CONV_MR.min(cout - b0);
             let a = &packed[b0 * depth..(b0 + cb) * depth];
             run(
                 s,
                 #[inline(always)]
                 || {
                     microkernel_dyn(s, cb, a, &b, depth, |c, v| {
-                        got[(b0 + c) * NR..(b0 + c + 1) * NR].copy_from_slice(&v)
+                        got[(b0 + c) * CONV_NR..(b0 + c + 1) * CONV_NR].copy_from_slice(&v)
                     })
                 },
             );
         }
         for co in 0..cout {
-            for j in 0..NR {
-                let want: f32 = (0..depth).map(|k| w[co * depth + k] * b[k * NR + j]).sum();
-                assert_eq!(got[co * NR + j], want, "co {co} j {j}");
+            for j in 0..CONV_NR {
+                let want: f32 = (0..depth)
+                    .map(|k| w[co * depth + k] * b[k * CONV_NR + j])
+                    .sum();
+                assert_eq!(got[co * CONV_NR + j], want, "co {co} j {j}");
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Attention on CUDA with the flash-attention v2 kernels (feature `flash-attn`).
 //!
-//! [`attention`] takes the same inputs as `super::attention::attention` and answers `None` when
+//! [`attention`] takes the same inputs as `super::attention` and answers `None` when
 //! the kernels cannot run them (not on a CUDA device, not bf16/f16, a head size flash-attn lacks),
 //! so the caller falls through to the generic path. Otherwise:
 //!

@@ -1,5 +1,10 @@
-//! Scaled dot-product attention, computed item by item on each item's own valid length, in
-//! query blocks.
+//! Scaled dot-product attention, shared by every family: [`attention`] is the entry point.
+//!
+//! - [`cuda`]: flash-attention v2 on CUDA (feature `flash-attn`), bf16/f16;
+//! - [`cpu`]: the candle op for CPU f32, which runs the AVX-512 slice kernel (`avx512`) when the
+//!   CPU has it and its portable blocked path otherwise;
+//! - everything else (other devices and dtypes): candle's ops, below, computed item by item on
+//!   each item's own valid length, in query blocks.
 //!
 //! - Running each item alone (instead of one masked batched call) wastes nothing on batch
 //!   padding and makes an item's result bit-for-bit independent of its batch mates: the kernels
@@ -8,6 +13,27 @@
 //!   (heads, S, S) score matrix is never materialised for long sequences (the VAE's mid-block
 //!   attention over all pixels has S = 16384 at 1024x1024). Each block's softmax sees its whole
 //!   key row, so the result does not depend on the block size.
+
+pub mod cpu;
+#[cfg(feature = "flash-attn")]
+pub mod cuda;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+/// No AVX-512 kernel off x86-64: the CPU op takes its portable path.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub(super) fn try_attention(
+        _q: &[f32],
+        _k: &[f32],
+        _v: &[f32],
+        _dims: (usize, usize, usize, usize, usize),
+        _lens: &[usize],
+        _scale: f32,
+    ) -> Option<Vec<f32>> {
+        None
+    }
+}
 
 use candle_core::{DType, Tensor};
 
@@ -20,12 +46,12 @@ const SCORE_BUDGET: usize = 8 << 20;
 /// Returns (B, S, H*D); rows past an item's length are zero.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
     #[cfg(feature = "flash-attn")]
-    if let Some(out) = super::attention_cuda::attention(q, k, v, lens)? {
+    if let Some(out) = cuda::attention(q, k, v, lens)? {
         return Ok(out);
     }
     let (b, h, s, d) = q.dims4()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let op = super::attention_cpu::CpuAttention {
+        let op = cpu::CpuAttention {
             lens: lens.map_or_else(|| vec![s; b], <[usize]>::to_vec),
             scale: 1.0 / (d as f32).sqrt(),
         };

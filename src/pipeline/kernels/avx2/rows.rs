@@ -10,7 +10,7 @@
 
 use pulp::{f32x8, x86::V3};
 
-use super::simd::{load, store, LANES};
+use super::{load, store, LANES};
 
 /// `1 / sqrt(mean(x^2) + eps)`.
 #[inline(always)]
@@ -142,7 +142,7 @@ pub(crate) fn qk_norm_rope(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pipeline::kernels::simd::{run, simd};
+    use crate::pipeline::kernels::avx2::{run, token_for_test};
 
     fn close(a: f32, b: f64) -> bool {
         (a as f64 - b).abs() < 1e-5 * (1.0 + b.abs())
@@ -150,7 +150,11 @@ mod tests {
 
     #[test]
     fn fused_rows_match_the_formulas() {
-        let Some(s) = simd() else { return };
+        let Some(s) =
+            token_for_test("pipeline::kernels::avx2::rows::tests::fused_rows_match_the_formulas")
+        else {
+            return;
+        };
         let n = 37;
         let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
         let h: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).cos()).collect();

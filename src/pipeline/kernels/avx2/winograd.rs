@@ -25,8 +25,9 @@ use pulp::{f32x8, x86::V3, Simd};
 use rayon::prelude::*;
 
 use super::group_norm::ChannelAffine;
-use super::simd::{
-    affine_act, load, microkernel_dyn, pack_rows, run, store, with_scratch, LANES, MR, NR,
+use super::{
+    affine_act, load, microkernel_dyn, pack_weight_blocks, run, store, with_scratch, CONV_MR,
+    CONV_NR, LANES,
 };
 
 /// Transform points per tile.
@@ -55,7 +56,7 @@ pub(crate) enum Residual<'a> {
 pub(crate) struct Winograd3x3 {
     pub cin: usize,
     pub cout: usize,
-    /// `XI` blocks of `pack_rows(U_xi)`, `U_xi` being `(cout, cin)`.
+    /// `XI` blocks of `pack_weight_blocks(U_xi)`, `U_xi` being `(cout, cin)`.
     u: Vec<f32>,
     bias: Vec<f32>,
 }
@@ -90,7 +91,7 @@ impl Winograd3x3 {
         }
         let u = per_xi
             .iter()
-            .flat_map(|m| pack_rows(m, cout, cin))
+            .flat_map(|m| pack_weight_blocks(m, cout, cin))
             .collect();
         Self {
             cin,
@@ -200,7 +201,7 @@ impl Geom {
     fn new(h: usize, w: usize, up: bool, cin: usize) -> Self {
         let (hu, wu) = if up { (2 * h, 2 * w) } else { (h, w) };
         let th = hu.div_ceil(2);
-        let twr = wu.div_ceil(2).div_ceil(NR) * NR;
+        let twr = wu.div_ceil(2).div_ceil(CONV_NR) * CONV_NR;
         let region = twr + LANES;
         let row = if up { region } else { 2 * region };
         Self {
@@ -227,17 +228,20 @@ impl Geom {
 /// Distance between the transform points' blocks of `V` (`cin x nt` each), padded by a cache
 /// line so the 16 blocks do not all map to the same L1 set.
 fn v_stride(cin: usize, nt: usize) -> usize {
-    cin * nt + NR
+    cin * nt + CONV_NR
 }
 
 /// Distance between rows (`nt` tiles) of `M`, padded likewise.
 fn m_stride(nt: usize) -> usize {
-    nt + NR
+    nt + CONV_NR
 }
 
 fn tiles_per_chunk(cin: usize, cout: usize, twr: usize) -> usize {
     let fit = SCRATCH_BYTES / (4 * XI * (cin + cout)).max(1);
-    (fit / NR).max(1).saturating_mul(NR).min(twr.max(NR))
+    (fit / CONV_NR)
+        .max(1)
+        .saturating_mul(CONV_NR)
+        .min(twr.max(CONV_NR))
 }
 
 /// Zero-pad (and pre-process) input row `r - 1` into staged row `dst` (all channels):
@@ -375,7 +379,7 @@ impl Ctx<'_> {
                     t[2][c] = s.sub_f32s(d[2][c], d[1][c]);
                     t[3][c] = s.sub_f32s(d[1][c], d[3][c]);
                 }
-                let off = ((blk / 2) * cin + ci) * NR + (blk % 2) * LANES;
+                let off = ((blk / 2) * cin + ci) * CONV_NR + (blk % 2) * LANES;
                 for (ti, vrow) in t.iter().zip(vx.chunks_exact_mut(4)) {
                     // (.) B: columns t0 - t2, t1 + t2, t2 - t1, t1 - t3.
                     store(vrow[0], off, s.sub_f32s(ti[0], ti[2]));
@@ -418,7 +422,7 @@ impl Ctx<'_> {
                     t[1][c] = s.add_f32s(d[1][c], d[1][c]);
                     t[2][c] = s.sub_f32s(d[1][c], d[2][c]);
                 }
-                let off = ((blk / 2) * cin + ci) * NR + (blk % 2) * LANES;
+                let off = ((blk / 2) * cin + ci) * CONV_NR + (blk % 2) * LANES;
                 for (ti, i) in t.iter().zip([0, 1, 3]) {
                     // (.) B with columns (a, b, b, c): a - b, b + b, 0, b - c.
                     store(vx[i * 4], off, s.sub_f32s(ti[0], ti[1]));
@@ -433,17 +437,17 @@ impl Ctx<'_> {
     #[inline(always)]
     fn gemm(&self, nt: usize, v: &[f32], m: &mut [f32]) {
         let (s, cin, cout) = (self.s, self.wg.cin, self.wg.cout);
-        let (npanel, vs, ms) = (nt / NR, v_stride(cin, nt), m_stride(nt));
+        let (npanel, vs, ms) = (nt / CONV_NR, v_stride(cin, nt), m_stride(nt));
         for xi in 0..XI {
             if self.g.skips(xi) {
                 continue;
             }
             let u = &self.wg.u[xi * cout * cin..(xi + 1) * cout * cin];
-            for b0 in (0..cout).step_by(MR) {
-                let cb = MR.min(cout - b0);
+            for b0 in (0..cout).step_by(CONV_MR) {
+                let cb = CONV_MR.min(cout - b0);
                 let a = &u[b0 * cin..(b0 + cb) * cin];
                 for p in 0..npanel {
-                    let b = &v[xi * vs + p * cin * NR..xi * vs + (p + 1) * cin * NR];
+                    let b = &v[xi * vs + p * cin * CONV_NR..xi * vs + (p + 1) * cin * CONV_NR];
                     microkernel_dyn(
                         s,
                         cb,
@@ -452,8 +456,8 @@ impl Ctx<'_> {
                         cin,
                         #[inline(always)]
                         |c, vals| {
-                            let o = ((b0 + c) * XI + xi) * ms + p * NR;
-                            m[o..o + NR].copy_from_slice(&vals);
+                            let o = ((b0 + c) * XI + xi) * ms + p * CONV_NR;
+                            m[o..o + CONV_NR].copy_from_slice(&vals);
                         },
                     );
                 }
@@ -488,7 +492,7 @@ impl Ctx<'_> {
                 } else {
                     a_t_m(s, &mx, o)
                 };
-                let n = NR.min(g.wu - x0);
+                let n = CONV_NR.min(g.wu - x0);
                 for (r, (lo, hi)) in [out_row(s, &t0, bias), out_row(s, &t1, bias)]
                     .into_iter()
                     .enumerate()
@@ -503,7 +507,7 @@ impl Ctx<'_> {
                         Residual::Add(res) => Some(&res[(co * g.hu + y) * g.wu + x0..]),
                         Residual::InPlace => Some(&seg[d0..]),
                     };
-                    if n == NR {
+                    if n == CONV_NR {
                         let (lo, hi) = match res {
                             Some(res) => (
                                 s.add_f32s(load(s, res, 0), lo),
@@ -514,7 +518,7 @@ impl Ctx<'_> {
                         store(seg, d0, lo);
                         store(seg, d0 + LANES, hi);
                     } else {
-                        let mut vals = [0f32; NR];
+                        let mut vals = [0f32; CONV_NR];
                         store(&mut vals, 0, lo);
                         store(&mut vals, LANES, hi);
                         if let Some(res) = res {
@@ -588,7 +592,7 @@ fn interleave(s: V3, a: f32x8, b: f32x8) -> (f32x8, f32x8) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pipeline::kernels::simd::simd;
+    use crate::pipeline::kernels::avx2::token_for_test;
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {
         let mut st = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
@@ -646,7 +650,11 @@ mod tests {
 
     #[test]
     fn matches_direct_convolution() {
-        let Some(s) = simd() else { return };
+        let Some(s) =
+            token_for_test("pipeline::kernels::avx2::winograd::tests::matches_direct_convolution")
+        else {
+            return;
+        };
         for &(cin, cout, h, w, up, with_res) in &[
             (3, 5, 7, 9, false, false),
             (13, 7, 12, 37, false, true),
@@ -683,78 +691,5 @@ mod tests {
                 "cin {cin} cout {cout} {h}x{w} up {up}: err {err}"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    //! `cargo test --release --lib winograd::timing -- --ignored --nocapture`: per-layer times
-    //! at the bench model's shapes (process CPU time, so meaningful on a busy machine).
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::pipeline::kernels::simd::simd;
-
-    fn cpu_seconds() -> f64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let f: Vec<f64> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0.0))
-            .collect();
-        (f[11] + f[12]) / 100.0
-    }
-
-    #[test]
-    #[ignore]
-    fn layer_times() {
-        let Some(s) = simd() else { return };
-        let mut total = 0.0;
-        for &(cin, cout, h, w, up, count) in &[
-            (128usize, 128usize, 32usize, 32usize, false, 10usize),
-            (128, 128, 32, 32, true, 1),
-            (128, 128, 64, 64, false, 6),
-            (128, 128, 64, 64, true, 1),
-            (128, 64, 128, 128, false, 1),
-            (64, 64, 128, 128, false, 5),
-            (64, 64, 128, 128, true, 1),
-            (64, 32, 256, 256, false, 1),
-            (32, 32, 256, 256, false, 5),
-            (32, 3, 256, 256, false, 1),
-        ] {
-            let x: Vec<f32> = (0..cin * h * w)
-                .map(|i| (i % 17) as f32 * 0.1 - 0.8)
-                .collect();
-            let wt: Vec<f32> = (0..cout * cin * 9)
-                .map(|i| (i % 13) as f32 * 0.01 - 0.06)
-                .collect();
-            let conv = Winograd3x3::new(&wt, None, cout, cin);
-            let (hu, wu) = if up { (2 * h, 2 * w) } else { (h, w) };
-            let mut out = vec![0f32; cout * hu * wu];
-            let pre = ChannelAffine {
-                scale: vec![1.1; cin],
-                shift: vec![0.1; cin],
-                silu: !up,
-            };
-            let pre = (!up).then_some(&pre);
-            conv.forward(s, &x, (h, w), up, pre, Residual::None, &mut out);
-            let reps = 10;
-            let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
-            for _ in 0..reps {
-                conv.forward(s, &x, (h, w), up, pre, Residual::None, &mut out);
-            }
-            let cpu = (cpu_seconds() - c0) / reps as f64;
-            let wall = t0.elapsed().as_secs_f64() / reps as f64;
-            let gf = 2.0 * 9.0 * (cin * cout * hu * wu) as f64 / 1e9;
-            total += cpu * count as f64;
-            println!(
-                "{cin:>3}->{cout:>3} {hu:>3}x{wu:<3} up {up:<5}: cpu {:6.2} ms wall {:6.2} ms ({:5.0} direct-GF/s per cpu-s) x{count}",
-                cpu * 1e3,
-                wall * 1e3,
-                gf / cpu
-            );
-        }
-        println!("total cpu {:.1} ms", total * 1e3);
     }
 }

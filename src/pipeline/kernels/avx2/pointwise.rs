@@ -4,10 +4,10 @@
 use pulp::x86::V3;
 use rayon::prelude::*;
 
-use super::simd::{microkernel_dyn, pack_rows, run, with_scratch, MR, NR};
+use super::{microkernel_dyn, pack_weight_blocks, run, with_scratch, CONV_MR, CONV_NR};
 
 /// Pixels per parallel task.
-const CHUNK: usize = 16 * NR;
+const CHUNK: usize = 16 * CONV_NR;
 
 #[derive(Debug)]
 pub(crate) struct Pointwise {
@@ -23,7 +23,7 @@ impl Pointwise {
         Self {
             cin,
             cout,
-            w: pack_rows(w, cout, cin),
+            w: pack_weight_blocks(w, cout, cin),
             bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
         }
     }
@@ -67,13 +67,16 @@ impl Pointwise {
     ) {
         let cin = self.cin;
         let n = CHUNK.min(hw - p0);
-        let npanel = n.div_ceil(NR);
+        let npanel = n.div_ceil(CONV_NR);
         // panel[p][ci][16] = x[ci][p0 + 16 p ..], zero past the end; read x row by row.
         for ci in 0..cin {
             let row = &x[ci * hw + p0..ci * hw + p0 + n];
-            for (p, src) in row.chunks(NR).enumerate() {
-                let dst = &mut panel[(p * cin + ci) * NR..(p * cin + ci + 1) * NR];
-                match (dst.first_chunk_mut::<NR>(), src.first_chunk::<NR>()) {
+            for (p, src) in row.chunks(CONV_NR).enumerate() {
+                let dst = &mut panel[(p * cin + ci) * CONV_NR..(p * cin + ci + 1) * CONV_NR];
+                match (
+                    dst.first_chunk_mut::<CONV_NR>(),
+                    src.first_chunk::<CONV_NR>(),
+                ) {
                     (Some(d), Some(v)) => *d = *v,
                     _ => {
                         dst[..src.len()].copy_from_slice(src);
@@ -82,12 +85,12 @@ impl Pointwise {
                 }
             }
         }
-        for b0 in (0..self.cout).step_by(MR) {
-            let cb = MR.min(self.cout - b0);
+        for b0 in (0..self.cout).step_by(CONV_MR) {
+            let cb = CONV_MR.min(self.cout - b0);
             let a = &self.w[b0 * cin..(b0 + cb) * cin];
             for p in 0..npanel {
-                let b = &panel[p * cin * NR..(p + 1) * cin * NR];
-                let len = NR.min(n - p * NR);
+                let b = &panel[p * cin * CONV_NR..(p + 1) * cin * CONV_NR];
+                let len = CONV_NR.min(n - p * CONV_NR);
                 microkernel_dyn(
                     s,
                     cb,
@@ -97,8 +100,8 @@ impl Pointwise {
                     #[inline(always)]
                     |c, vals| {
                         let bias = self.bias[b0 + c];
-                        let dst = &mut segs[b0 + c][p * NR..p * NR + len];
-                        match dst.first_chunk_mut::<NR>() {
+                        let dst = &mut segs[b0 + c][p * CONV_NR..p * CONV_NR + len];
+                        match dst.first_chunk_mut::<CONV_NR>() {
                             Some(d) => *d = vals.map(|v| v + bias),
                             None => {
                                 for (d, v) in dst.iter_mut().zip(vals) {
@@ -117,11 +120,14 @@ impl Pointwise {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pipeline::kernels::simd::simd;
+    use crate::pipeline::kernels::avx2::token_for_test;
 
     #[test]
     fn matches_matmul() {
-        let Some(s) = simd() else { return };
+        let Some(s) = token_for_test("pipeline::kernels::avx2::pointwise::tests::matches_matmul")
+        else {
+            return;
+        };
         for &(cin, cout, hw) in &[(5, 3, 7), (64, 32, 1000), (13, 11, CHUNK + 17)] {
             let x: Vec<f32> = (0..cin * hw)
                 .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
