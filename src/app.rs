@@ -134,7 +134,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%bound, auth, data_dir = %data_dir.display(), "ready");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+    let limits = http::Limits {
+        max_connections: args.max_connections.max(1),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout.max(1)),
+        write_timeout: Duration::from_secs(args.write_timeout.max(1)),
+    };
+    let server = http::serve(listener, http::router(state), limits, async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);

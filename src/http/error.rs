@@ -23,6 +23,9 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A `Range` outside a file of this many bytes.
+    #[error("the requested range is outside the file ({0} bytes)")]
+    RangeNotSatisfiable(u64),
 }
 
 /// The error part of a response, for the middleware to render (and log, when `detail` is set).
@@ -84,6 +87,11 @@ impl ApiError {
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
             }
+            ApiError::RangeNotSatisfiable(_) => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                None,
+            ),
         }
     }
 }
@@ -99,6 +107,11 @@ impl IntoResponse for ApiError {
             other => (other.to_string(), None),
         };
         let mut res = status.into_response();
+        if let ApiError::RangeNotSatisfiable(len) = &self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                res.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
         if let Some(secs) = retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -4,11 +4,13 @@ mod context;
 mod dto;
 mod error;
 mod extract;
+mod file_body;
 mod files;
 mod generate;
 mod metrics;
 mod models;
 mod ops;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
 pub use metrics::HttpMetrics;
+pub use serve::{serve, Limits};
 
 use crate::infer::Facade;
 

@@ -332,3 +332,59 @@ async fn a_full_database_is_reported_and_recovered_from() {
     assert_eq!(info[0].balance, 1_000_000 - 250 * (ok + 10));
     assert_eq!(info[0].used_today, ok + 10);
 }
+
+/// Finding 2 of issue 15: stored files are served as a file server serves them: an ETag,
+/// If-None-Match answered 304, single byte ranges answered 206, an unsatisfiable one 416.
+#[tokio::test]
+async fn files_have_etags_and_ranges() {
+    let t = app(false).await;
+    let body = json!({"prompt": "a cat", "model": "flux-2-pro", "width": 256, "height": 256, "output_format": "png"});
+    let v = send(&t.app, post(body.to_string(), None)).await.json();
+    let uri = format!(
+        "/files/gen/{}/image_0.png",
+        v["request_id"].as_str().unwrap()
+    );
+    let whole = send(&t.app, get(&uri)).await;
+    assert_eq!(whole.status, StatusCode::OK);
+    let len = whole.bytes.len();
+    assert!(len > 100);
+    assert_eq!(whole.headers["content-length"], len.to_string().as_str());
+    assert_eq!(whole.headers["accept-ranges"], "bytes");
+    let tag = whole.headers["etag"].to_str().unwrap().to_string();
+
+    let with = |name: &str, value: &str| {
+        Request::get(&uri)
+            .header(name, value)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let r = send(&t.app, with("if-none-match", &tag)).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(r.bytes.is_empty());
+    let r = send(&t.app, with("if-none-match", "\"other\"")).await;
+    assert_eq!((r.status, r.bytes.len()), (StatusCode::OK, len));
+
+    let r = send(&t.app, with("range", "bytes=10-19")).await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes, whole.bytes[10..20]);
+    assert_eq!(
+        r.headers["content-range"],
+        format!("bytes 10-19/{len}").as_str()
+    );
+    let r = send(&t.app, with("range", "bytes=-5")).await;
+    assert_eq!(r.bytes, whole.bytes[len - 5..]);
+    let r = send(&t.app, with("range", &format!("bytes={len}-"))).await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.code(), "range_not_satisfiable");
+    assert_eq!(
+        r.headers["content-range"],
+        format!("bytes */{len}").as_str()
+    );
+    // If-Range with another version: the whole (new) file.
+    let r = Request::get(&uri)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"old\"")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&t.app, r).await.bytes.len(), len);
+}

@@ -235,9 +235,9 @@ impl Facade {
         })
     }
 
-    /// A stored image, by the request ID and file name of its URL.
+    /// A stored image, opened for streaming, by the request ID and file name of its URL.
     pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
-        self.store.read(request_id, file_name).await
+        self.store.open_file(request_id, file_name).await
     }
 
     /// Prometheus text: the generator's metrics, then the facade's.

@@ -24,10 +24,14 @@ pub enum StoreError {
     Encode(#[from] image::ImageError),
 }
 
-/// A stored image's bytes and MIME type.
+/// A stored image, opened for streaming: never read whole into memory.
 #[derive(Debug)]
 pub struct StoredFile {
-    pub bytes: Vec<u8>,
+    pub file: tokio::fs::File,
+    /// Bytes in the file.
+    pub len: u64,
+    /// Last modification (the image's creation: files are never rewritten).
+    pub modified: Option<std::time::SystemTime>,
     pub content_type: &'static str,
 }
 
@@ -74,9 +78,9 @@ impl FileStore {
         written
     }
 
-    /// Read a stored image, given the URL's request ID and file name. `None` for anything that is
-    /// not exactly a stored image.
-    pub async fn read(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+    /// Open a stored image, given the URL's request ID and file name. `None` for anything that
+    /// is not exactly a stored image.
+    pub async fn open_file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
         let id = RequestId::parse(request_id)?;
         let (_, format) = parse_file_name(file_name)?;
         let path = self.gen_dir.join(id.as_str()).join(file_name);
@@ -84,9 +88,12 @@ impl FileStore {
         if !meta.is_file() {
             return None;
         }
-        let bytes = tokio::fs::read(&path).await.ok()?;
+        let file = tokio::fs::File::open(&path).await.ok()?;
+        let meta = file.metadata().await.ok()?;
         Some(StoredFile {
-            bytes,
+            file,
+            len: meta.len(),
+            modified: meta.modified().ok(),
             content_type: format.content_type(),
         })
     }
@@ -181,9 +188,14 @@ mod tests {
                 .unwrap();
             assert_eq!(names.len(), 2);
             for (i, name) in names.iter().enumerate() {
-                let f = store.read(id.as_str(), name).await.unwrap();
+                let mut f = store.open_file(id.as_str(), name).await.unwrap();
                 assert_eq!(f.content_type, format.content_type());
-                let decoded = image::load_from_memory(&f.bytes).unwrap();
+                let mut bytes = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut f.file, &mut bytes)
+                    .await
+                    .unwrap();
+                assert_eq!(bytes.len() as u64, f.len);
+                let decoded = image::load_from_memory(&bytes).unwrap();
                 let (w, h) = if i == 0 { (32, 16) } else { (16, 32) };
                 assert_eq!((decoded.width(), decoded.height()), (w, h));
             }
@@ -203,13 +215,16 @@ mod tests {
         std::fs::write(dir.path().join("secret.txt"), b"x").unwrap();
         let id = RequestId::generate();
         store.save(&id, &[img(16, 16)], ImageFormat::Png).unwrap();
-        assert!(store.read(id.as_str(), "image_0.png").await.is_some());
-        assert!(store.read(id.as_str(), "image_0.jpg").await.is_none());
-        assert!(store.read(id.as_str(), "image_1.png").await.is_none());
-        assert!(store.read("..", "secret.txt").await.is_none());
-        assert!(store.read("req_../../..", "image_0.png").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_0.png").await.is_some());
+        assert!(store.open_file(id.as_str(), "image_0.jpg").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_1.png").await.is_none());
+        assert!(store.open_file("..", "secret.txt").await.is_none());
         assert!(store
-            .read(&RequestId::generate().to_string(), "image_0.png")
+            .open_file("req_../../..", "image_0.png")
+            .await
+            .is_none());
+        assert!(store
+            .open(&RequestId::generate().to_string(), "image_0.png")
             .await
             .is_none());
     }
