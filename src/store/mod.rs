@@ -224,7 +224,7 @@ mod tests {
             .await
             .is_none());
         assert!(store
-            .open(&RequestId::generate().to_string(), "image_0.png")
+            .open_file(&RequestId::generate().to_string(), "image_0.png")
             .await
             .is_none());
     }
