@@ -216,8 +216,19 @@ async fn shutdown_signal() {
 
 /// `diffusiond keys ...`.
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let explicit = args.data_dir.is_some();
     let dir = data_dir(args.data_dir)?;
-    let accounts = Accounts::open(&dir).await?;
+    // A mistyped --data-dir must fail, not start an empty database somewhere else.
+    if explicit && !dir.is_dir() {
+        bail!(
+            "--data-dir {}: no such directory (give the server's --data-dir)",
+            dir.display()
+        );
+    }
+    let accounts = match args.command {
+        KeysCommand::Create { .. } => Accounts::open(&dir).await?,
+        _ => Accounts::open_existing(&dir).await?,
+    };
     let result = run_keys(&accounts, args.command).await;
     accounts.close().await;
     result
@@ -258,7 +269,7 @@ async fn run_keys(accounts: &Accounts, command: KeysCommand) -> anyhow::Result<(
                     quota,
                     k.used_today,
                     status,
-                    k.name
+                    k.name.escape_debug()
                 );
             }
         }
@@ -281,7 +292,7 @@ fn describe(k: &KeyInfo) -> String {
     let name = if k.name.is_empty() {
         String::new()
     } else {
-        format!(" '{}'", k.name)
+        format!(" '{}'", k.name.escape_debug())
     };
     let revoked = if k.revoked { ", revoked" } else { "" };
     format!(
