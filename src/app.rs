@@ -117,7 +117,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::Open => AuthPolicy::Open,
         AuthMode::Keys => AuthPolicy::Keys(accounts.clone()),
     };
-    let facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()));
+    let facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()))
+        .with_admission_limit(args.queue_capacity.max(1));
     let state = AppState::new(
         Arc::new(facade),
         PublicUrl::new(args.public_url.as_deref(), bound),

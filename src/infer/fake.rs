@@ -22,6 +22,8 @@ pub enum Mode {
 
 pub struct Fake {
     pub mode: Mutex<Mode>,
+    /// Jobs kept pending at most (a queue's capacity); beyond it a submit is `QueueFull`.
+    pub capacity: Mutex<usize>,
     pub flags: Mutex<Vec<CancelFlag>>,
     // Keep the senders of hanging jobs alive.
     pending: Mutex<Vec<Reply>>,
@@ -31,6 +33,7 @@ impl Fake {
     pub fn new(mode: Mode) -> Arc<Self> {
         Arc::new(Self {
             mode: Mutex::new(mode),
+            capacity: Mutex::new(usize::MAX),
             flags: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
         })
@@ -40,7 +43,9 @@ impl Fake {
 impl Generator for Fake {
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
-        if mode == Mode::QueueFull {
+        if mode == Mode::QueueFull
+            || self.pending.lock().unwrap().len() >= *self.capacity.lock().unwrap()
+        {
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = oneshot::channel();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use tokio::sync::Semaphore;
 
 use crate::accounts::{Account, Accounts, Reservation};
 use crate::catalog::Catalog;
@@ -73,6 +74,8 @@ pub struct Facade {
     store: FileStore,
     generator: Arc<dyn Generator>,
     metrics: Metrics,
+    /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
+    admission: Arc<Semaphore>,
 }
 
 impl Facade {
@@ -88,7 +91,17 @@ impl Facade {
             store,
             generator,
             metrics: Metrics::default(),
+            admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
+    }
+
+    /// Admit at most `limit` requests at once (set it to the scheduler's queue capacity: then
+    /// an admitted request always finds room in the queue). A request beyond it is answered 503
+    /// `server_busy` before it reserves anything, so a burst never makes the key's other
+    /// requests see credits or quota held by requests that are then refused.
+    pub fn with_admission_limit(mut self, limit: usize) -> Self {
+        self.admission = Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS)));
+        self
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -137,6 +150,15 @@ impl Facade {
         raw: RawRequest,
     ) -> Result<Generated, InferError> {
         let valid = validate(&self.catalog, raw)?;
+        // Admission before reservation: held until this request is answered (or dropped).
+        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+            let e = InferError::Busy {
+                message: "the generation queue is full; retry shortly",
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            };
+            tracing::warn!(request_id = %id, "refused: {e}");
+            return Err(e);
+        };
         let reservation = match (caller, &self.auth) {
             (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
                 let r = accounts
