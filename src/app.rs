@@ -217,15 +217,9 @@ async fn shutdown_signal() {
 
 /// `diffusiond keys ...`.
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
-    let explicit = args.data_dir.is_some();
     let dir = data_dir(args.data_dir)?;
-    // A mistyped --data-dir must fail, not start an empty database somewhere else.
-    if explicit && !dir.is_dir() {
-        bail!(
-            "--data-dir {}: no such directory (give the server's --data-dir)",
-            dir.display()
-        );
-    }
+    // Only `create` may start a database; the others on a mistyped --data-dir must fail, not
+    // create an empty one there.
     let accounts = match args.command {
         KeysCommand::Create { .. } => Accounts::open(&dir).await?,
         _ => Accounts::open_existing(&dir).await?,

@@ -296,8 +296,8 @@ fn keys_cli() {
     assert!(!bad.status.success());
 }
 
-/// Finding 5 of issue 15: `keys` against a mistyped --data-dir created an empty database there
-/// and went on; now it fails and creates nothing. A huge amount is refused and writes nothing.
+/// Finding 5 of issue 15: `keys list` (revoke, add-credits) against a mistyped --data-dir created
+/// an empty database there and went on; now it fails and creates nothing. A huge amount is refused and writes nothing.
 #[test]
 fn keys_cli_refuses_a_mistyped_data_dir_and_huge_amounts() {
     let ws = Workspace::new();
@@ -315,8 +315,8 @@ fn keys_cli_refuses_a_mistyped_data_dir_and_huge_amounts() {
     let missing = ws.dir.path().join("dataa");
     for args in [
         &["list"][..],
-        &["create", "--credits", "1"],
         &["revoke", &key],
+        &["add-credits", &key, "5"],
     ] {
         let out = run(&missing, args);
         assert!(!out.status.success(), "{args:?}");
