@@ -119,10 +119,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()))
         .with_admission_limit(args.queue_capacity.max(1));
+    let web = web_policy(&args, mode, bound);
     let state = AppState::new(
         Arc::new(facade),
         PublicUrl::new(args.public_url.as_deref(), bound),
-    );
+    )
+    .with_web_policy(web);
     let auth = match mode {
         AuthMode::Open => "open",
         AuthMode::Keys => "keys",
@@ -166,6 +168,37 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Host names are checked in open mode on a loopback address (what a DNS-rebinding page
+/// reaches); cross-origin callers are refused in every mode unless `--cors-origin` lists them.
+fn web_policy(args: &ServeArgs, mode: AuthMode, bound: std::net::SocketAddr) -> http::WebPolicy {
+    let allowed_hosts = (mode == AuthMode::Open && bound.ip().is_loopback()).then(|| {
+        let listen = match bound.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .iter()
+            .map(|h| h.to_string())
+            .chain([listen])
+            .chain(args.allowed_hosts.iter().map(|h| http::WebPolicy::host_name(h)))
+            .collect();
+        if let Some(url) = &args.public_url {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let authority = rest.split('/').next().unwrap_or(rest);
+            hosts.push(http::WebPolicy::host_name(authority));
+        }
+        hosts
+    });
+    http::WebPolicy {
+        allowed_hosts,
+        cors_origins: args
+            .cors_origin
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_string())
+            .collect(),
+    }
 }
 
 /// Hold `<data-dir>/serve.lock` for the server's lifetime: at start a server refunds reservations

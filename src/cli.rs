@@ -121,6 +121,16 @@ pub struct ServeArgs {
     /// Images denoised together in one batch at most (higher: more throughput, more memory).
     #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8)]
     pub max_batch_images: usize,
+    /// More host names the server may be addressed by, beside the listen address, `localhost`,
+    /// `127.0.0.1`, `[::1]` and the public URL's host. Checked only in open mode on a loopback
+    /// address, where it stops DNS-rebinding pages. Comma-separated or repeated.
+    #[arg(long, env = "DIFFUSIOND_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`https://app.example.com`, or `*`) whose pages may call the API from a
+    /// browser (CORS). Any other cross-origin request is refused with 403. Comma-separated or
+    /// repeated.
+    #[arg(long, env = "DIFFUSIOND_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
     /// Seconds to wait for requests in flight after SIGINT/SIGTERM before giving up on them
     /// (their credits are refunded).
     #[arg(long, env = "DIFFUSIOND_SHUTDOWN_TIMEOUT", default_value_t = 120)]

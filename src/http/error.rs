@@ -23,6 +23,12 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("the body must be sent with 'Content-Type: application/json'")]
+    UnsupportedMediaType,
+    #[error("requests to this host name are not accepted here (see --allowed-hosts)")]
+    HostNotAllowed,
+    #[error("requests from other web origins are not accepted here (see --cors-origin)")]
+    OriginNotAllowed,
     /// A `Range` outside a file of this many bytes.
     #[error("the requested range is outside the file ({0} bytes)")]
     RangeNotSatisfiable(u64),
@@ -87,6 +93,13 @@ impl ApiError {
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
             }
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                None,
+            ),
+            ApiError::HostNotAllowed => (StatusCode::FORBIDDEN, "host_not_allowed", None),
+            ApiError::OriginNotAllowed => (StatusCode::FORBIDDEN, "origin_not_allowed", None),
             ApiError::RangeNotSatisfiable(_) => (
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range_not_satisfiable",

@@ -32,14 +32,30 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
-/// A generation request body: at most 64 KiB of JSON holding an object. The Content-Type is not
-/// checked (`curl -d` sends a form type), only the bytes.
+/// A generation request body: `Content-Type: application/json`, at most 64 KiB of JSON holding an
+/// object. The type is required because the others (a form, `text/plain`) are what a page on
+/// another site may make a browser send without asking the server first.
 pub struct GenerateBody(pub RawRequest);
+
+/// 415 unless the request says its body is JSON (`application/json`, parameters allowed).
+pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
 
 impl<S: Send + Sync> FromRequest<S> for GenerateBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        require_json(req.headers())?;
         // Any failure to read is reported as too large: the limit is the only way reading a body
         // fails while the client still listens.
         let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)

@@ -388,3 +388,94 @@ async fn files_have_etags_and_ranges() {
         .unwrap();
     assert_eq!(send(&t.app, r).await.bytes.len(), len);
 }
+
+/// Finding 6 of issue 15: a page on another site could drive an open server through the
+/// browser (a `text/plain` POST needs no preflight) and, through DNS rebinding, read the answer.
+#[tokio::test]
+async fn json_routes_need_a_json_content_type() {
+    let t = app(false).await;
+    let body = json!({"prompt": "a cat", "model": "flux-2-pro", "width": 256, "height": 256});
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let mut b = Request::post("/v1/generate");
+        if let Some(ct) = ct {
+            b = b.header("content-type", ct);
+        }
+        let r = send(&t.app, b.body(Body::from(body.to_string())).unwrap()).await;
+        assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
+        assert_eq!(r.code(), "unsupported_media_type");
+    }
+    let r = Request::post("/v1/generate")
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    assert_eq!(send(&t.app, r).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn foreign_hosts_and_origins_are_refused() {
+    let t = app(false).await;
+    let state_app = |web: WebPolicy| {
+        let facade = Facade::new(
+            Catalog::builtin().unwrap(),
+            AuthPolicy::Open,
+            FileStore::open(t._dir.path()).unwrap(),
+            Fake::new(Mode::Succeed),
+        );
+        let url = PublicUrl::new(None, "127.0.0.1:8080".parse().unwrap());
+        router(AppState::new(Arc::new(facade), url).with_web_policy(web))
+    };
+    let loopback = state_app(WebPolicy {
+        allowed_hosts: Some(vec!["localhost".into(), "127.0.0.1".into()]),
+        cors_origins: vec!["https://app.example".into()],
+    });
+    let req = |host: &str, origin: Option<&str>| {
+        let mut b = Request::get("/v1/models").header("host", host);
+        if let Some(o) = origin {
+            b = b.header("origin", o);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    // DNS rebinding: the page's own host name.
+    let r = send(&loopback, req("evil.example:8080", None)).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "host_not_allowed".into()));
+    assert!(r.headers.get("x-request-id").is_some());
+    assert_eq!(send(&loopback, req("LOCALHOST:8080", None)).await.status, StatusCode::OK);
+    // Cross-origin: refused; same origin (the playground): fine; a listed origin: CORS.
+    let r = send(&loopback, req("127.0.0.1:8080", Some("http://evil.example"))).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "origin_not_allowed".into()));
+    let r = send(&loopback, req("127.0.0.1:8080", Some("null"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = send(&loopback, req("127.0.0.1:8080", Some("http://127.0.0.1:8080"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(&loopback, req("127.0.0.1:8080", Some("https://app.example"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example");
+    let pre = Request::options("/v1/generate")
+        .header("host", "127.0.0.1:8080")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .unwrap();
+    let r = send(&loopback, pre).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(r.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("content-type"));
+    // A cross-site POST is refused before it reaches the generator.
+    let post = Request::post("/v1/generate")
+        .header("host", "127.0.0.1:8080")
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"prompt":"x","model":"flux-2-pro"}"#))
+        .unwrap();
+    assert_eq!(send(&loopback, post).await.status, StatusCode::FORBIDDEN);
+    // Without a host list (keys mode, or not loopback) any Host is fine.
+    let any = state_app(WebPolicy::default());
+    assert_eq!(send(&any, req("img.example", None)).await.status, StatusCode::OK);
+}
