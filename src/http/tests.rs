@@ -215,6 +215,11 @@ async fn models_lists_the_catalog() {
     let gpt = models.iter().find(|m| m["id"] == "gpt-image-2").unwrap();
     assert_eq!(gpt["pricing"]["credits_per_image"]["4k"]["high"], 3200);
     assert_eq!(gpt["credits_per_image"], 200);
+    // How steps and guidance change the price (issue 15, finding 3).
+    assert_eq!(gpt["default_steps"], 8);
+    assert_eq!(gpt["pricing"]["quality_steps"]["low"], 4);
+    assert_eq!(gpt["guidance_doubles_price"], true);
+    assert!(gpt["price_rule"].as_str().unwrap().contains("x 2 with guidance_scale"));
 }
 
 #[tokio::test]

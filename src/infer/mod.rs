@@ -19,7 +19,9 @@ use crate::store::{FileStore, StoredFile};
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
 pub use metrics::Metrics;
-pub use validate::{validate, RawRequest, ValidRequest, MAX_PROMPT_CHARS};
+pub use validate::{
+    guidance_doubles_work, price_of_work, validate, RawRequest, ValidRequest, MAX_PROMPT_CHARS,
+};
 
 /// Seconds a client is told to wait after `server_busy`.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
