@@ -434,6 +434,7 @@ fn auth_defaults_to_keys_off_loopback() {
     let r = reqwest::blocking::Client::new()
         .post(format!("{local}/v1/generate"))
         .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
         .body(HOSTED_EXAMPLE)
         .send()
         .unwrap();

@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn same_origin_is_the_host_sent_to() {
         assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
-        assert!(!same_origin("http://127.0.0.1:8081", Some("127.0.0.1:8080")));
+        assert!(!same_origin(
+            "http://127.0.0.1:8081",
+            Some("127.0.0.1:8080")
+        ));
         assert!(!same_origin("null", Some("127.0.0.1:8080")));
         assert!(!same_origin("http://evil.example", None));
     }

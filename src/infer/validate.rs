@@ -543,7 +543,12 @@ mod tests {
         };
         assert!(matches!(err(r), ValidationError::InvalidDimensions(_)));
         // Without `resolution` the smallest tier that covers the size is charged.
-        for (w, h, credits) in [(256, 256, 200), (1024, 1024, 200), (1024, 2048, 400), (4096, 256, 800)] {
+        for (w, h, credits) in [
+            (256, 256, 200),
+            (1024, 1024, 200),
+            (1024, 2048, 400),
+            (4096, 256, 800),
+        ] {
             let r = RawRequest {
                 width: Some(w),
                 height: Some(h),
@@ -575,9 +580,17 @@ mod tests {
         // flux-2-pro: 250 an image, Z-Image-Turbo's default 8 steps, no CFG.
         assert_eq!(credits(None, None, None), 250);
         assert_eq!(credits(Some(8), Some(0.0), None), 250);
-        assert_eq!(credits(Some(4), None, None), 250, "fewer steps: no discount");
+        assert_eq!(
+            credits(Some(4), None, None),
+            250,
+            "fewer steps: no discount"
+        );
         assert_eq!(credits(Some(16), None, None), 500);
-        assert_eq!(credits(Some(9), None, None), 282, "250 x 9/8 = 281.25, rounded up");
+        assert_eq!(
+            credits(Some(9), None, None),
+            282,
+            "250 x 9/8 = 281.25, rounded up"
+        );
         assert_eq!(credits(Some(100), None, Some(4)), 3125 * 4);
         assert_eq!(credits(None, Some(3.5), None), 500);
         assert_eq!(credits(Some(16), Some(3.5), Some(2)), 2000);
@@ -593,7 +606,10 @@ mod tests {
     #[test]
     fn the_price_is_checked_not_saturated() {
         assert_eq!(price_of_work(250, 8, 8, false, 4), Some(1000));
-        assert_eq!(price_of_work(i64::MAX / 2, 8, 8, true, 1), Some(i64::MAX - 1));
+        assert_eq!(
+            price_of_work(i64::MAX / 2, 8, 8, true, 1),
+            Some(i64::MAX - 1)
+        );
         assert_eq!(price_of_work(i64::MAX / 2, 8, 8, true, 2), None);
         assert_eq!(price_of_work(i64::MAX / 50, 100, 8, false, 1), None);
         // Guidance on a pipeline whose default already guides (or is distilled) costs nothing.
