@@ -124,7 +124,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Arc::new(facade),
         PublicUrl::new(args.public_url.as_deref(), bound),
     )
-    .with_web_policy(web);
+    .with_web_policy(web)
+    .with_metrics_auth(args.metrics_auth);
     let auth = match mode {
         AuthMode::Open => "open",
         AuthMode::Keys => "keys",
@@ -182,7 +183,11 @@ fn web_policy(args: &ServeArgs, mode: AuthMode, bound: std::net::SocketAddr) -> 
             .iter()
             .map(|h| h.to_string())
             .chain([listen])
-            .chain(args.allowed_hosts.iter().map(|h| http::WebPolicy::host_name(h)))
+            .chain(
+                args.allowed_hosts
+                    .iter()
+                    .map(|h| http::WebPolicy::host_name(h)),
+            )
             .collect();
         if let Some(url) = &args.public_url {
             let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
@@ -201,25 +206,22 @@ fn web_policy(args: &ServeArgs, mode: AuthMode, bound: std::net::SocketAddr) -> 
     }
 }
 
-/// Hold `<data-dir>/serve.lock` for the server's lifetime: at start a server refunds reservations
-/// left open, which is only right if no other server is using the same data directory. (The
-/// `keys` commands do not take it.)
+/// Hold an OS lock (flock) on the data directory itself for the server's lifetime: at start a
+/// server refunds reservations left open, which is only right if no other server is using the
+/// same data directory. The directory is locked rather than a `serve.lock` file in it, so that
+/// deleting a file cannot let a second server in; the lock goes with the process, however it
+/// ends. (The `keys` commands do not take it.)
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join("serve.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
+    let handle = std::fs::File::open(dir)
+        .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+    match handle.try_lock() {
+        Ok(()) => Ok(handle),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another `diffusiond serve` is using the data directory {}",
             dir.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            Err(e).with_context(|| format!("cannot lock {}", dir.display()))
         }
     }
 }
@@ -327,4 +329,25 @@ fn describe(k: &KeyInfo) -> String {
         "key {}{name} ({}...): balance {} credits, {quota}{revoked}",
         k.id, k.prefix, k.balance
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// Issue 15, finding 7: the lock was a `serve.lock` file; with it deleted, a second server
+    /// created a new one, locked that, and ran beside the first on the same data directory.
+    #[test]
+    fn the_data_dir_lock_survives_deleting_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = super::lock_data_dir(dir.path()).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        let second = super::lock_data_dir(dir.path());
+        let message = format!("{:#}", second.unwrap_err());
+        assert!(message.contains("another `diffusiond serve`"), "{message}");
+        drop(held);
+        super::lock_data_dir(dir.path()).unwrap();
+    }
 }

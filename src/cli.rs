@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// address, where it stops DNS-rebinding pages. Comma-separated or repeated.
     #[arg(long, env = "DIFFUSIOND_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
+    /// In keys mode, GET /metrics needs a valid API key (`Authorization: Bearer <key>`) like the
+    /// API; without it /metrics is open to whoever reaches the server.
+    #[arg(long, env = "DIFFUSIOND_METRICS_AUTH")]
+    pub metrics_auth: bool,
     /// Web origins (`https://app.example.com`, or `*`) whose pages may call the API from a
     /// browser (CORS). Any other cross-origin request is refused with 403. Comma-separated or
     /// repeated.

@@ -56,11 +56,16 @@ impl<S: Send + Sync> FromRequest<S> for GenerateBody {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_json(req.headers())?;
-        // Any failure to read is reported as too large: the limit is the only way reading a body
-        // fails while the client still listens.
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::TooLarge)?;
+        // A declared length over the limit is refused before a byte of the body is read.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::TooLarge);
+        }
+        let bytes = read_body(req.into_body(), MAX_BODY_BYTES).await?;
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
         let Value::Object(obj) = value else {
@@ -70,4 +75,25 @@ impl<S: Send + Sync> FromRequest<S> for GenerateBody {
         };
         Ok(GenerateBody(dto::raw_request(obj)?))
     }
+}
+
+/// The body's bytes, at most `limit`: 413 beyond it, 400 when the body itself is malformed (a bad
+/// chunk, a connection cut mid-body), which is the client's error, not its size.
+async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body::Body as _;
+    let mut buf = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| {
+            ApiError::InvalidRequest(format!("the request body could not be read: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
 }

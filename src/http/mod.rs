@@ -76,6 +76,8 @@ pub struct AppState {
     pub http_metrics: Arc<HttpMetrics>,
     /// Which hosts and origins may reach the server (http/guard.rs).
     pub web: Arc<WebPolicy>,
+    /// `--metrics-auth`: GET /metrics needs a valid key in keys mode.
+    pub metrics_auth: bool,
 }
 
 impl AppState {
@@ -86,11 +88,17 @@ impl AppState {
             public_url: Arc::new(public_url),
             http_metrics: Arc::new(HttpMetrics::default()),
             web: Arc::new(WebPolicy::default()),
+            metrics_auth: false,
         }
     }
 
     pub fn with_web_policy(mut self, web: WebPolicy) -> Self {
         self.web = Arc::new(web);
+        self
+    }
+
+    pub fn with_metrics_auth(mut self, required: bool) -> Self {
+        self.metrics_auth = required;
         self
     }
 }

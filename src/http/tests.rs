@@ -219,7 +219,10 @@ async fn models_lists_the_catalog() {
     assert_eq!(gpt["default_steps"], 8);
     assert_eq!(gpt["pricing"]["quality_steps"]["low"], 4);
     assert_eq!(gpt["guidance_doubles_price"], true);
-    assert!(gpt["price_rule"].as_str().unwrap().contains("x 2 with guidance_scale"));
+    assert!(gpt["price_rule"]
+        .as_str()
+        .unwrap()
+        .contains("x 2 with guidance_scale"));
 }
 
 #[tokio::test]
@@ -447,19 +450,43 @@ async fn foreign_hosts_and_origins_are_refused() {
     };
     // DNS rebinding: the page's own host name.
     let r = send(&loopback, req("evil.example:8080", None)).await;
-    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "host_not_allowed".into()));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "host_not_allowed".into())
+    );
     assert!(r.headers.get("x-request-id").is_some());
-    assert_eq!(send(&loopback, req("LOCALHOST:8080", None)).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&loopback, req("LOCALHOST:8080", None)).await.status,
+        StatusCode::OK
+    );
     // Cross-origin: refused; same origin (the playground): fine; a listed origin: CORS.
-    let r = send(&loopback, req("127.0.0.1:8080", Some("http://evil.example"))).await;
-    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "origin_not_allowed".into()));
+    let r = send(
+        &loopback,
+        req("127.0.0.1:8080", Some("http://evil.example")),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "origin_not_allowed".into())
+    );
     let r = send(&loopback, req("127.0.0.1:8080", Some("null"))).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = send(&loopback, req("127.0.0.1:8080", Some("http://127.0.0.1:8080"))).await;
+    let r = send(
+        &loopback,
+        req("127.0.0.1:8080", Some("http://127.0.0.1:8080")),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = send(&loopback, req("127.0.0.1:8080", Some("https://app.example"))).await;
+    let r = send(
+        &loopback,
+        req("127.0.0.1:8080", Some("https://app.example")),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
     let pre = Request::options("/v1/generate")
         .header("host", "127.0.0.1:8080")
         .header("origin", "https://app.example")
@@ -482,5 +509,105 @@ async fn foreign_hosts_and_origins_are_refused() {
     assert_eq!(send(&loopback, post).await.status, StatusCode::FORBIDDEN);
     // Without a host list (keys mode, or not loopback) any Host is fine.
     let any = state_app(WebPolicy::default());
-    assert_eq!(send(&any, req("img.example", None)).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&any, req("img.example", None)).await.status,
+        StatusCode::OK
+    );
+}
+
+/// A request body that never arrives, or breaks: what a client may send after its headers.
+struct TestBody(bool);
+
+impl http_body::Body for TestBody {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.0 {
+            std::task::Poll::Ready(Some(Err(std::io::Error::other("invalid chunk size"))))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+fn json_post(body: TestBody, content_length: Option<usize>) -> Request<Body> {
+    let mut b = Request::post("/v1/generate").header("content-type", "application/json");
+    if let Some(n) = content_length {
+        b = b.header("content-length", n);
+    }
+    b.body(Body::new(body)).unwrap()
+}
+
+/// Issue 15, finding 7: a declared length over the limit was read (waited for) before the 413.
+#[tokio::test]
+async fn a_declared_length_over_64_kib_is_413_before_reading() {
+    let t = app(false).await;
+    // The body never comes: only the declared length can answer (the timeout guards a hang).
+    let req = json_post(TestBody(false), Some(MAX_BODY_BYTES + 1));
+    let r = tokio::time::timeout(std::time::Duration::from_secs(60), send(&t.app, req))
+        .await
+        .expect("the server waited for a body it had to refuse");
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.code(), "request_too_large");
+    assert!(r.headers.get("x-request-id").is_some());
+}
+
+/// Issue 15, finding 7: a malformed body (bad chunk) was answered 413.
+#[tokio::test]
+async fn a_malformed_body_is_400_not_413() {
+    let t = app(false).await;
+    let r = send(&t.app, json_post(TestBody(true), None)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "invalid_request");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be read"));
+}
+
+/// Issue 15, finding 7: /metrics was open to anyone in keys mode; `--metrics-auth` asks for a key.
+#[tokio::test]
+async fn metrics_can_require_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = Accounts::open(dir.path()).await.unwrap();
+    let key = accounts
+        .create_key(NewKey {
+            name: String::new(),
+            credits: 10,
+            daily_quota: None,
+        })
+        .await
+        .unwrap()
+        .secret;
+    let facade = Facade::new(
+        Catalog::builtin().unwrap(),
+        AuthPolicy::Keys(accounts),
+        FileStore::open(dir.path()).unwrap(),
+        Fake::new(Mode::Succeed),
+    );
+    let url = PublicUrl::new(None, "127.0.0.1:1".parse().unwrap());
+    let state = AppState::new(Arc::new(facade), url);
+    let open = router(state.clone());
+    let guarded = router(state.with_metrics_auth(true));
+    let metrics = |key: Option<&str>| {
+        let mut b = Request::get("/metrics");
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    assert_eq!(send(&open, metrics(None)).await.status, StatusCode::OK);
+    let r = send(&guarded, metrics(None)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_api_key".into())
+    );
+    let r = send(&guarded, metrics(Some("dk_wrong"))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(&guarded, metrics(Some(&key))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8(r.bytes).unwrap().contains("diffusiond_"));
 }

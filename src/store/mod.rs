@@ -83,7 +83,14 @@ impl FileStore {
     pub async fn open_file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
         let id = RequestId::parse(request_id)?;
         let (_, format) = parse_file_name(file_name)?;
-        let path = self.gen_dir.join(id.as_str()).join(file_name);
+        // Neither the request's directory nor the file may be a symlink (or anything but what
+        // save writes): a link planted under the store must not lead the server elsewhere.
+        let request_dir = self.gen_dir.join(id.as_str());
+        let dir_meta = tokio::fs::symlink_metadata(&request_dir).await.ok()?;
+        if !dir_meta.is_dir() {
+            return None;
+        }
+        let path = request_dir.join(file_name);
         let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
         if !meta.is_file() {
             return None;
@@ -225,6 +232,40 @@ mod tests {
             .is_none());
         assert!(store
             .open_file(&RequestId::generate().to_string(), "image_0.png")
+            .await
+            .is_none());
+    }
+
+    /// Issue 15, finding 7: a directory symlink planted as a request's directory was followed,
+    /// serving whatever `image_0.png` the link's target held.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_planted_directory_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let real = RequestId::generate();
+        store.save(&real, &[img(16, 16)], ImageFormat::Png).unwrap();
+        let gen = dir.path().join("files/gen");
+        let planted = RequestId::generate();
+        std::os::unix::fs::symlink(gen.join(real.as_str()), gen.join(planted.as_str())).unwrap();
+        assert!(store
+            .open_file(real.as_str(), "image_0.png")
+            .await
+            .is_some());
+        assert!(store
+            .open_file(planted.as_str(), "image_0.png")
+            .await
+            .is_none());
+        // A symlinked file is refused as before.
+        let linked = RequestId::generate();
+        std::fs::create_dir(gen.join(linked.as_str())).unwrap();
+        std::os::unix::fs::symlink(
+            gen.join(real.as_str()).join("image_0.png"),
+            gen.join(linked.as_str()).join("image_0.png"),
+        )
+        .unwrap();
+        assert!(store
+            .open_file(linked.as_str(), "image_0.png")
             .await
             .is_none());
     }
