@@ -97,14 +97,18 @@ fn unknown_fields_and_nulls_are_ignored() {
         "aspect_ratio": "1:1", "width": null, "seed": null, "output_format": null});
     let v = server.post(&body.to_string(), None).success();
     assert_eq!(v["credits_used"], 800);
-    // The Content-Type is not needed either (curl -d sends a form type).
+    // A JSON body sent with another Content-Type (what `curl -d` without -H sends, or a page on
+    // another site posting `text/plain`) is refused with 415 in the contract's JSON (issue 15,
+    // finding 6): a form type is what a browser sends cross-site without a preflight.
     let r = reqwest::blocking::Client::new()
         .post(format!("{}/v1/generate", server.base))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(HOSTED_EXAMPLE)
         .send()
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.status().as_u16(), 415);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_media_type", "{v}");
 }
 
 #[test]
@@ -454,6 +458,7 @@ fn auth_defaults_to_keys_off_loopback() {
     let r = reqwest::blocking::Client::new()
         .post(format!("{local}/v1/generate"))
         .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
         .body(HOSTED_EXAMPLE)
         .send()
         .unwrap();

@@ -103,6 +103,7 @@ fn a_crash_mid_request_is_refunded_at_the_next_start() {
             reqwest::blocking::Client::new()
                 .post(format!("{addr}/v1/generate"))
                 .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
                 .body(body)
                 .send()
         }

@@ -38,6 +38,8 @@ pub enum AccountsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no accounts database at {0} (check --data-dir: the server creates it when it first starts)")]
+    NoDatabase(PathBuf),
     #[error("the API key is unknown")]
     UnknownKey,
     #[error("the API key has been revoked")]
@@ -75,6 +77,16 @@ impl Accounts {
         Self::open_with(data_dir, |o| o).await
     }
 
+    /// Open the database only if it exists (the `keys` commands that read or change keys: a
+    /// mistyped `--data-dir` must fail, not create an empty database).
+    pub async fn open_existing(data_dir: &Path) -> Result<Self, AccountsError> {
+        let path = data_dir.join(DB_FILE);
+        if !path.is_file() {
+            return Err(AccountsError::NoDatabase(path));
+        }
+        Self::open_with(data_dir, |o| o.create_if_missing(false)).await
+    }
+
     /// [`Accounts::open`] with the connection options adjusted (tests: a page limit that makes
     /// the database "full").
     pub(crate) async fn open_with(
@@ -82,6 +94,10 @@ impl Accounts {
         adjust: impl FnOnce(SqliteConnectOptions) -> SqliteConnectOptions,
     ) -> Result<Self, AccountsError> {
         std::fs::create_dir_all(data_dir).map_err(|source| AccountsError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        create_private(&data_dir.join(DB_FILE)).map_err(|source| AccountsError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
@@ -161,9 +177,60 @@ impl Accounts {
     }
 }
 
+/// Create an empty database file readable by its owner only (0600), unless it exists: it holds
+/// the key hashes and balances. SQLite gives its -wal and -shm files the same mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Seconds since the Unix epoch, as stored in the database.
 fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Finding 5 of issue 15: the database was created with the umask's mode (0644).
+    #[tokio::test]
+    async fn the_database_is_private_to_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = Accounts::open(dir.path()).await.unwrap();
+        acc.create_key(NewKey {
+            name: String::new(),
+            credits: 1,
+            daily_quota: None,
+        })
+        .await
+        .unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{:?}", entry.file_name());
+        }
+    }
+
+    #[tokio::test]
+    async fn open_existing_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Accounts::open_existing(dir.path()).await.unwrap_err();
+        assert!(matches!(e, AccountsError::NoDatabase(_)), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        Accounts::open(dir.path()).await.unwrap().close().await;
+        Accounts::open_existing(dir.path()).await.unwrap();
+    }
 }
 
 #[cfg(test)]

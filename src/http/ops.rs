@@ -1,11 +1,12 @@
 //! Operations endpoints: GET /health and GET /metrics.
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::infer::WorkerState;
 use crate::metrics::{Exposition, CONTENT_TYPE};
@@ -36,7 +37,17 @@ pub async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus text. With `--metrics-auth` in keys mode it needs a valid key, like the API (401
+/// in the contract's JSON otherwise); in open mode there are no keys to ask for.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if state.metrics_auth {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or(""));
+        if let Err(e) = state.facade.authenticate(authorization).await {
+            return ApiError::from(e).into_response();
+        }
+    }
     let mut out = Exposition::default();
     state.facade.render_metrics(&mut out);
     state.http_metrics.render(&mut out);

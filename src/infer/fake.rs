@@ -23,6 +23,8 @@ pub enum Mode {
 
 pub struct Fake {
     pub mode: Mutex<Mode>,
+    /// Jobs kept pending at most (a queue's capacity); beyond it a submit is `QueueFull`.
+    pub capacity: Mutex<usize>,
     pub flags: Mutex<Vec<CancelFlag>>,
     /// What `worker_state` answers (`Ready` at first).
     pub state: Mutex<WorkerState>,
@@ -34,6 +36,7 @@ impl Fake {
     pub fn new(mode: Mode) -> Arc<Self> {
         Arc::new(Self {
             mode: Mutex::new(mode),
+            capacity: Mutex::new(usize::MAX),
             flags: Mutex::new(Vec::new()),
             state: Mutex::new(WorkerState::Ready),
             pending: Mutex::new(Vec::new()),
@@ -47,7 +50,9 @@ impl Generator for Fake {
     }
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
-        if mode == Mode::QueueFull {
+        if mode == Mode::QueueFull
+            || self.pending.lock().unwrap().len() >= *self.capacity.lock().unwrap()
+        {
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = oneshot::channel();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use tokio::sync::Semaphore;
 
 use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
@@ -19,7 +20,7 @@ use crate::store::{FileStore, StoredFile};
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
 pub use metrics::Metrics;
-pub use validate::{validate, RawRequest, ValidRequest};
+pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
 
 use refund::{Outstanding, RefundOnDrop};
 
@@ -88,6 +89,8 @@ pub struct Facade {
     generator: Arc<dyn Generator>,
     metrics: Metrics,
     outstanding: Outstanding,
+    /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
+    admission: Arc<Semaphore>,
 }
 
 impl Facade {
@@ -104,6 +107,7 @@ impl Facade {
             generator,
             metrics: Metrics::default(),
             outstanding: Outstanding::default(),
+            admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
     }
 
@@ -111,6 +115,15 @@ impl Facade {
     /// requests whose futures were dropped (the server waits on it at shutdown).
     pub async fn reservations_resolved(&self) {
         self.outstanding.all_resolved().await;
+    }
+
+    /// Admit at most `limit` requests at once (set it to the scheduler's queue capacity: then
+    /// an admitted request always finds room in the queue). A request beyond it is answered 503
+    /// `server_busy` before it reserves anything, so a burst never makes the key's other
+    /// requests see credits or quota held by requests that are then refused.
+    pub fn with_admission_limit(mut self, limit: usize) -> Self {
+        self.admission = Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS)));
+        self
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -163,6 +176,15 @@ impl Facade {
         raw: RawRequest,
     ) -> Result<Generated, InferError> {
         let valid = validate(&self.catalog, raw)?;
+        // Admission before reservation: held until this request is answered (or dropped).
+        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+            let e = InferError::Busy {
+                message: "the generation queue is full; retry shortly",
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            };
+            tracing::warn!(request_id = %id, "refused: {e}");
+            return Err(e);
+        };
         let reservation = match (caller, &self.auth) {
             (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
                 let r = accounts
@@ -261,9 +283,9 @@ impl Facade {
         })
     }
 
-    /// A stored image, by the request ID and file name of its URL.
+    /// A stored image, opened for streaming, by the request ID and file name of its URL.
     pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
-        self.store.read(request_id, file_name).await
+        self.store.open_file(request_id, file_name).await
     }
 
     /// The generator's metrics, then the facade's.
