@@ -31,7 +31,9 @@ struct Args {
     skip_vae: bool,
 }
 
-fn parse() -> Args {
+/// The command line; an unknown flag or a bad value stops the bench (a typo must not silently
+/// measure the defaults).
+fn parse() -> Result<Args, String> {
     let mut a = Args {
         model: std::env::var("DIFFUSIOND_BENCH_MODEL").unwrap_or_default(),
         height: 256,
@@ -42,35 +44,81 @@ fn parse() -> Args {
         warmup: 2,
         skip_vae: false,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let v = argv.get(i + 1).cloned().unwrap_or_default();
-        let n = || {
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
+        let mut number = || -> Result<usize, String> {
+            let v = value()?;
             v.parse::<usize>()
-                .unwrap_or_else(|_| panic!("bad value for {}", argv[i]))
+                .map_err(|_| format!("{flag}: '{v}' is not a whole number"))
         };
-        match argv[i].as_str() {
-            "--model" => a.model = v.clone(),
-            "--height" => a.height = n(),
-            "--width" => a.width = n(),
-            "--steps" => a.steps = n(),
-            "--num-images" => a.num_images = n(),
-            "--runs" => a.runs = n(),
-            "--warmup" => a.warmup = n(),
-            "--skip-vae" => {
-                a.skip_vae = true;
-                i += 1;
-                continue;
+        match flag.as_str() {
+            "--model" => a.model = value()?,
+            "--height" => a.height = number()?,
+            "--width" => a.width = number()?,
+            "--steps" => a.steps = number()?,
+            "--num-images" => a.num_images = number()?,
+            "--runs" => a.runs = number()?,
+            "--warmup" => a.warmup = number()?,
+            "--threads" => {
+                // The rayon pool reads it when first used, which is after this.
+                std::env::set_var("RAYON_NUM_THREADS", number()?.to_string());
             }
-            _ => {
-                i += 1;
-                continue;
+            "--skip-vae" => a.skip_vae = true,
+            // Passed by `cargo bench` itself.
+            "--bench" => {}
+            other => {
+                return Err(format!(
+                    "unknown argument '{other}' (takes --model DIR --height N --width N --steps N \
+                     --num-images N --runs N --warmup N --threads N --skip-vae)"
+                ))
             }
         }
-        i += 2;
     }
-    a
+    if a.steps == 0 || a.num_images == 0 || a.runs == 0 {
+        return Err("--steps, --num-images and --runs must be at least 1".into());
+    }
+    Ok(a)
+}
+
+/// One untimed generation, checked before anything is timed: finite latents and the right number
+/// of images of the right size whose pixels are not all alike (a broken pipeline is not timed).
+fn check(model: &ZImage, a: &Args, s: &GenerateSpec) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let cond = model.condition(s).map_err(|e| err(&e))?;
+    let mut items = model.items(s, &cond).map_err(|e| err(&e))?;
+    while items.iter().any(|i| !i.is_done()) {
+        let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
+        denoise::step(model, &mut refs).map_err(|e| err(&e))?;
+    }
+    let latents: Vec<&Tensor> = items.iter().map(|i| i.latent()).collect();
+    let batch = Tensor::stack(&latents, 0).map_err(|e| err(&e))?;
+    let values = batch
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| err(&e))?;
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err("the latents are not finite".into());
+    }
+    if a.skip_vae {
+        return Ok(());
+    }
+    let decoded = model.decode(&batch).map_err(|e| err(&e))?;
+    let images = to_rgb8(&decoded).map_err(|e| err(&e))?;
+    if images.len() != a.num_images {
+        return Err(format!("{} images, not {}", images.len(), a.num_images));
+    }
+    for img in &images {
+        let (w, h) = (img.width as usize, img.height as usize);
+        if (w, h) != (a.width, a.height) || img.data.len() != w * h * 3 {
+            return Err(format!("an image is {w}x{h} ({} bytes)", img.data.len()));
+        }
+        if img.data.iter().all(|&p| p == img.data[0]) {
+            return Err("an image is one flat colour".into());
+        }
+    }
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -104,8 +152,14 @@ fn common_load(dir: &str) -> Box<dyn Family> {
 }
 
 fn main() {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pipeline_stages: {e}");
+            std::process::exit(2);
+        }
+    };
     diffusiond::pipeline::device::init_cpu_runtime();
-    let a = parse();
     if a.model.is_empty() {
         eprintln!("pipeline_stages: pass --model DIR (or set DIFFUSIOND_BENCH_MODEL); skipping");
         return;
@@ -121,6 +175,10 @@ fn main() {
         steps: a.steps,
         guidance: Guidance::none(),
     };
+    if let Err(e) = check(&model, &a, &spec(u64::from(u32::MAX))) {
+        eprintln!("pipeline_stages: the pipeline's output is wrong, nothing timed: {e}");
+        std::process::exit(1);
+    }
     let (mut te, mut step, mut vae, mut total) = (vec![], vec![], vec![], vec![]);
     for r in 0..a.warmup + a.runs {
         let s = spec(r as u64);

@@ -221,6 +221,20 @@ pub struct ServeArgs {
     /// 1 turns batching off).
     #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8, value_parser = at_least_one())]
     pub max_batch_images: usize,
+    /// More host names the server may be addressed by, beside the listen address, `localhost`,
+    /// `127.0.0.1`, `[::1]` and the public URL's host. Checked only in open mode on a loopback
+    /// address, where it stops DNS-rebinding pages. Comma-separated or repeated.
+    #[arg(long, env = "DIFFUSIOND_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// In keys mode, GET /metrics needs a valid API key (`Authorization: Bearer <key>`) like the
+    /// API; without it /metrics is open to whoever reaches the server.
+    #[arg(long, env = "DIFFUSIOND_METRICS_AUTH")]
+    pub metrics_auth: bool,
+    /// Web origins (`https://app.example.com`, or `*`) whose pages may call the API from a
+    /// browser (CORS). Any other cross-origin request is refused with 403. Comma-separated or
+    /// repeated.
+    #[arg(long, env = "DIFFUSIOND_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
     /// Seconds to wait for requests in flight after SIGINT/SIGTERM before giving up on them
     /// (their credits are refunded).
     #[arg(long, env = "DIFFUSIOND_SHUTDOWN_TIMEOUT", default_value_t = 120)]
@@ -229,6 +243,18 @@ pub struct ServeArgs {
     /// their URLs answer 404 afterwards. Off by default (images are kept until you delete them).
     #[arg(long, env = "DIFFUSIOND_RETENTION")]
     pub retention: Option<Age>,
+    /// Open HTTP connections at most; further clients wait in the listen backlog until one
+    /// closes. Keep it below the process's file-descriptor limit (`ulimit -n`).
+    #[arg(long, env = "DIFFUSIOND_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's complete headers, counted from when it
+    /// opens or its previous response ends: also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "DIFFUSIOND_HEADER_READ_TIMEOUT", default_value_t = 30)]
+    pub header_read_timeout: u64,
+    /// Seconds a response may wait for the client to read more of it before the connection is
+    /// closed (a client that stopped reading). Progress, however slow, resets it.
+    #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60)]
+    pub write_timeout: u64,
 }
 
 /// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.

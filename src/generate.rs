@@ -10,7 +10,6 @@ use crate::catalog::Catalog;
 use crate::cli::GenerateArgs;
 use crate::infer::{validate, RawRequest};
 use crate::pipeline::{self, denoise, GenerateSpec, Guidance, RgbImage, WeightSource};
-use crate::scheduler::Image;
 use crate::store::{encode, ImageFormat};
 
 fn format_of(path: &Path) -> Result<ImageFormat> {
@@ -19,8 +18,7 @@ fn format_of(path: &Path) -> Result<ImageFormat> {
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
-    let ext = if ext == "jpeg" { "jpg" } else { ext.as_str() };
-    ImageFormat::from_extension(ext).with_context(|| {
+    ImageFormat::parse(&ext).with_context(|| {
         format!(
             "cannot tell the image format of {}: use a .png, .jpg or .webp file name",
             path.display()
@@ -68,15 +66,10 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 }
 
 fn write_image(img: &RgbImage, path: &Path, format: ImageFormat) -> Result<()> {
-    let img = Image {
-        width: img.width,
-        height: img.height,
-        rgb: img.data.clone(),
-    };
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    encode(&img, format, &mut out).with_context(|| format!("cannot write {}", path.display()))?;
+    encode(img, format, &mut out).with_context(|| format!("cannot write {}", path.display()))?;
     std::io::Write::flush(&mut out).with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -74,13 +74,21 @@ pub fn parse(name: &str, text: &str) -> Result<Catalog, CatalogError> {
         if !STEPS_RANGE.contains(&spec.steps) {
             return Err(at(
                 start,
-                format!("pipeline '{pname}': steps must be 1 to 100"),
+                format!(
+                    "pipeline '{pname}': steps must be {} to {}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end()
+                ),
             ));
         }
         if !spec.guidance_scale.is_finite() || !GUIDANCE_RANGE.contains(&spec.guidance_scale) {
             return Err(at(
                 start,
-                format!("pipeline '{pname}': guidance_scale must be 0 to 20"),
+                format!(
+                    "pipeline '{pname}': guidance_scale must be {} to {}",
+                    GUIDANCE_RANGE.start(),
+                    GUIDANCE_RANGE.end()
+                ),
             ));
         }
         if spec.weights.trim().is_empty() {
@@ -278,7 +286,11 @@ fn check_tiered(
             ));
         }
         if !STEPS_RANGE.contains(steps) {
-            return Err(format!("model '{id}': quality_steps.{q} must be 1 to 100"));
+            return Err(format!(
+                "model '{id}': quality_steps.{q} must be {} to {}",
+                STEPS_RANGE.start(),
+                STEPS_RANGE.end()
+            ));
         }
     }
     let mut resolutions: Vec<(String, u32)> =

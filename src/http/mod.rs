@@ -4,11 +4,14 @@ mod context;
 mod dto;
 mod error;
 mod extract;
+mod file_body;
 mod files;
 mod generate;
+mod guard;
 mod metrics;
 mod models;
 mod ops;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +22,9 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::MAX_BODY_BYTES;
+pub use guard::WebPolicy;
 pub use metrics::HttpMetrics;
+pub use serve::{serve, Limits};
 
 use crate::infer::Facade;
 
@@ -69,15 +73,32 @@ pub struct AppState {
     pub facade: Arc<Facade>,
     pub public_url: Arc<PublicUrl>,
     pub http_metrics: Arc<HttpMetrics>,
+    /// Which hosts and origins may reach the server (http/guard.rs).
+    pub web: Arc<WebPolicy>,
+    /// `--metrics-auth`: GET /metrics needs a valid key in keys mode.
+    pub metrics_auth: bool,
 }
 
 impl AppState {
+    /// State with the default web policy: any Host, no cross-origin caller.
     pub fn new(facade: Arc<Facade>, public_url: PublicUrl) -> Self {
         Self {
             facade,
             public_url: Arc::new(public_url),
             http_metrics: Arc::new(HttpMetrics::default()),
+            web: Arc::new(WebPolicy::default()),
+            metrics_auth: false,
         }
+    }
+
+    pub fn with_web_policy(mut self, web: WebPolicy) -> Self {
+        self.web = Arc::new(web);
+        self
+    }
+
+    pub fn with_metrics_auth(mut self, required: bool) -> Self {
+        self.metrics_auth = required;
+        self
     }
 }
 
@@ -95,6 +116,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(files::not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             context::request_context,

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::extract::Authed;
 use super::AppState;
-use crate::catalog::{Catalog, Model, Pricing};
+use crate::catalog::{Model, Pipeline, Pricing};
+use crate::infer::guidance_doubles_work;
 
 #[derive(Debug, Serialize)]
 pub struct ModelsResponse {
@@ -35,6 +36,14 @@ pub struct ModelDto {
     pub size_step: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pricing: Option<TieredDto>,
+    /// Model evaluations of a request that does not send `steps` (gpt-image-2: per quality in
+    /// `pricing.quality_steps`).
+    pub default_steps: u32,
+    /// Whether sending `guidance_scale` > 0 turns on classifier-free guidance (twice the
+    /// evaluations) and so doubles the price.
+    pub guidance_doubles_price: bool,
+    /// How `steps` and `guidance_scale` change the price, in words.
+    pub price_rule: String,
 }
 
 /// Resolution x quality pricing (gpt-image-2).
@@ -47,13 +56,30 @@ pub struct TieredDto {
     pub credits_per_image: BTreeMap<String, BTreeMap<String, i64>>,
     pub default_resolution: String,
     pub default_quality: String,
+    /// Default steps of a quality, where it differs from `default_steps`.
+    pub quality_steps: BTreeMap<String, u32>,
 }
 
-fn dto(m: &Model, catalog: &Catalog, loaded: &[String]) -> ModelDto {
+fn dto(m: &Model, pipeline: Option<&Pipeline>, loaded: &[String]) -> ModelDto {
+    let default_steps = pipeline.map_or(0, |p| p.steps);
+    let guidance_doubles_price =
+        pipeline.is_some_and(|p| guidance_doubles_work(p.guidance_scale, Some(1.0)));
+    let price_rule = format!(
+        "credits_per_image x steps / default steps when more steps than the default are sent, \
+         rounded up{}; a request without them pays credits_per_image",
+        if guidance_doubles_price {
+            ", x 2 with guidance_scale > 0"
+        } else {
+            ""
+        }
+    );
     ModelDto {
+        default_steps,
+        guidance_doubles_price,
+        price_rule,
         id: m.id.clone(),
         pipeline: m.pipeline.clone(),
-        family: catalog.pipeline(&m.pipeline).and_then(|p| p.family.clone()),
+        family: pipeline.and_then(|p| p.family.clone()),
         loaded: loaded.contains(&m.pipeline),
         credits_per_image: m.pricing.default_price(),
         default_width: m.sizes.default,
@@ -69,6 +95,7 @@ fn dto(m: &Model, catalog: &Catalog, loaded: &[String]) -> ModelDto {
                 credits_per_image: t.prices.clone(),
                 default_resolution: t.default_resolution.clone(),
                 default_quality: t.default_quality.clone(),
+                quality_steps: t.quality_steps.clone(),
             }),
         },
     }
@@ -82,7 +109,7 @@ pub async fn list(State(state): State<AppState>, _auth: Authed) -> Json<ModelsRe
         models: catalog
             .models()
             .iter()
-            .map(|m| dto(m, catalog, &loaded))
+            .map(|m| dto(m, catalog.pipeline(&m.pipeline), &loaded))
             .collect(),
     })
 }

@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::Generator;
-use crate::scheduler::{CancelFlag, Image, Job, JobError, SubmitError, Ticket};
+use super::{Generator, WorkerState};
+use crate::image::RgbImage;
+use crate::scheduler::{CancelFlag, Job, JobError, SubmitError, Ticket};
 
-type Reply = oneshot::Sender<Result<Vec<Image>, JobError>>;
+type Reply = oneshot::Sender<Result<Vec<RgbImage>, JobError>>;
 
 /// What the fake does with the next job.
 #[derive(Clone, Copy, PartialEq)]
@@ -22,7 +23,11 @@ pub enum Mode {
 
 pub struct Fake {
     pub mode: Mutex<Mode>,
+    /// Jobs kept pending at most (a queue's capacity); beyond it a submit is `QueueFull`.
+    pub capacity: Mutex<usize>,
     pub flags: Mutex<Vec<CancelFlag>>,
+    /// What `worker_state` answers (`Ready` at first).
+    pub state: Mutex<WorkerState>,
     // Keep the senders of hanging jobs alive.
     pending: Mutex<Vec<Reply>>,
 }
@@ -31,16 +36,23 @@ impl Fake {
     pub fn new(mode: Mode) -> Arc<Self> {
         Arc::new(Self {
             mode: Mutex::new(mode),
+            capacity: Mutex::new(usize::MAX),
             flags: Mutex::new(Vec::new()),
+            state: Mutex::new(WorkerState::Ready),
             pending: Mutex::new(Vec::new()),
         })
     }
 }
 
 impl Generator for Fake {
+    fn worker_state(&self) -> WorkerState {
+        *self.state.lock().unwrap()
+    }
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
-        if mode == Mode::QueueFull {
+        if mode == Mode::QueueFull
+            || self.pending.lock().unwrap().len() >= *self.capacity.lock().unwrap()
+        {
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = oneshot::channel();
@@ -51,10 +63,10 @@ impl Generator for Fake {
                 let images = job
                     .seeds
                     .iter()
-                    .map(|s| Image {
+                    .map(|s| RgbImage {
                         width: job.width,
                         height: job.height,
-                        rgb: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
+                        data: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
                     })
                     .collect();
                 let _ = tx.send(Ok(images));

@@ -3,14 +3,16 @@
 
 mod error;
 mod metrics;
+mod refund;
 mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use tokio::sync::Semaphore;
 
-use crate::accounts::{Account, Accounts, Reservation};
+use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
 use crate::scheduler::{Job, JobError, SubmitError, Ticket};
 use crate::store::{FileStore, StoredFile};
@@ -18,13 +20,26 @@ use crate::store::{FileStore, StoredFile};
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
 pub use metrics::Metrics;
-pub use validate::{validate, RawRequest, ValidRequest, MAX_PROMPT_CHARS};
+pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
+
+use refund::{Outstanding, RefundOnDrop};
 
 /// Seconds a client is told to wait after `server_busy`.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// What the device worker is doing, for `GET /health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Taking jobs.
+    Ready,
+    /// Shut down, or its thread died: no job will run.
+    Stopped,
+}
+
 /// What runs jobs on the device: the scheduler, or a fake in tests.
 pub trait Generator: Send + Sync {
+    /// The device worker's state.
+    fn worker_state(&self) -> WorkerState;
     /// Queue a job; never blocks (a full queue answers [`SubmitError::QueueFull`] at once).
     fn submit(&self, job: Job) -> Result<Ticket, SubmitError>;
     /// Names of the pipelines whose weights are loaded.
@@ -73,6 +88,9 @@ pub struct Facade {
     store: FileStore,
     generator: Arc<dyn Generator>,
     metrics: Metrics,
+    outstanding: Outstanding,
+    /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
+    admission: Arc<Semaphore>,
 }
 
 impl Facade {
@@ -88,7 +106,24 @@ impl Facade {
             store,
             generator,
             metrics: Metrics::default(),
+            outstanding: Outstanding::default(),
+            admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
+    }
+
+    /// Resolves once every credit reservation is settled or refunded, including the refunds of
+    /// requests whose futures were dropped (the server waits on it at shutdown).
+    pub async fn reservations_resolved(&self) {
+        self.outstanding.all_resolved().await;
+    }
+
+    /// Admit at most `limit` requests at once (set it to the scheduler's queue capacity: then
+    /// an admitted request always finds room in the queue). A request beyond it is answered 503
+    /// `server_busy` before it reserves anything, so a burst never makes the key's other
+    /// requests see credits or quota held by requests that are then refused.
+    pub fn with_admission_limit(mut self, limit: usize) -> Self {
+        self.admission = Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS)));
+        self
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -97,6 +132,19 @@ impl Facade {
 
     pub fn loaded_pipelines(&self) -> Vec<String> {
         self.generator.loaded_pipelines()
+    }
+
+    /// `Ok` while every store requests depend on takes writes; else why not (`/health` answers
+    /// 503 with it). Only keys mode writes to the accounts database.
+    pub async fn check_writable(&self) -> Result<(), String> {
+        match &self.auth {
+            AuthPolicy::Keys(accounts) => accounts.check_writable().await,
+            AuthPolicy::Open => Ok(()),
+        }
+    }
+
+    pub fn worker_state(&self) -> WorkerState {
+        self.generator.worker_state()
     }
 
     /// Check the `Authorization` header value (`Bearer <key>`) under the auth policy.
@@ -128,12 +176,21 @@ impl Facade {
         raw: RawRequest,
     ) -> Result<Generated, InferError> {
         let valid = validate(&self.catalog, raw)?;
+        // Admission before reservation: held until this request is answered (or dropped).
+        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+            let e = InferError::Busy {
+                message: "the generation queue is full; retry shortly",
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            };
+            tracing::warn!(request_id = %id, "refused: {e}");
+            return Err(e);
+        };
         let reservation = match (caller, &self.auth) {
             (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
                 let r = accounts
                     .reserve(account, id.as_str(), valid.credits, Utc::now())
                     .await?;
-                Some(RefundOnDrop::new(accounts.clone(), r))
+                Some(RefundOnDrop::new(accounts.clone(), r, &self.outstanding))
             }
             _ => None,
         };
@@ -226,68 +283,15 @@ impl Facade {
         })
     }
 
-    /// A stored image, by the request ID and file name of its URL.
+    /// A stored image, opened for streaming, by the request ID and file name of its URL.
     pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
-        self.store.read(request_id, file_name).await
+        self.store.open_file(request_id, file_name).await
     }
 
-    /// Prometheus text: the generator's metrics, then the facade's.
-    pub fn metrics_text(&self) -> String {
-        let mut out = self.generator.metrics_text();
-        if !out.is_empty() && !out.ends_with('\n') {
-            out.push('\n');
-        }
-        self.metrics.render(&mut out);
-        out
-    }
-}
-
-/// A reservation that is refunded if the request's future is dropped (client went away) before
-/// it was settled or refunded explicitly.
-struct RefundOnDrop {
-    accounts: Accounts,
-    reservation: Option<Reservation>,
-}
-
-impl RefundOnDrop {
-    fn new(accounts: Accounts, reservation: Reservation) -> Self {
-        Self {
-            accounts,
-            reservation: Some(reservation),
-        }
-    }
-
-    async fn settle(mut self) {
-        if let Some(r) = self.reservation.take() {
-            if let Err(e) = self.accounts.settle(&r).await {
-                tracing::error!(request_id = %r.request_id, "settling the charge failed: {e}");
-            }
-        }
-    }
-
-    async fn refund(mut self) {
-        if let Some(r) = self.reservation.take() {
-            if let Err(e) = self.accounts.refund(&r).await {
-                tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
-            }
-        }
-    }
-}
-
-impl Drop for RefundOnDrop {
-    fn drop(&mut self) {
-        let Some(r) = self.reservation.take() else {
-            return;
-        };
-        let accounts = self.accounts.clone();
-        // Without a runtime (process exit) the next start refunds it.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = accounts.refund(&r).await {
-                    tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
-                }
-            });
-        }
+    /// The generator's metrics, then the facade's.
+    pub fn render_metrics(&self, out: &mut crate::metrics::Exposition) {
+        out.rendered(&self.generator.metrics_text());
+        self.metrics.render(out);
     }
 }
 

@@ -4,22 +4,28 @@
 //! ([`Family`], loaded through [`registry`]) and opaque handles ([`DenoiseItem`],
 //! [`Conditioning`]).
 
+pub mod attention;
 pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod family;
+pub mod flux2;
 pub mod image;
 pub mod kernels;
 pub mod load;
 pub mod noise;
+pub mod prompt;
+pub mod qwen3;
 pub mod registry;
 pub mod sampler;
+pub mod vae;
 pub mod z_image;
 
 pub use denoise::{DenoiseItem, GenerateSpec};
 pub use device::{DeviceSpec, RunDType};
 pub use error::{PipelineError, Result};
 pub use family::{Conditioning, Family, FamilyInfo, LoadOptions};
+pub use flux2::Flux2Klein;
 pub use image::RgbImage;
 pub use load::{ModelFiles, WeightSource};
 pub use sampler::Guidance;

@@ -1,8 +1,11 @@
 //! The families this build knows: the one place that names them all. Adding a family is a
 //! directory under `pipeline/` plus one entry here.
 
+use candle_core::DType;
+
 use super::error::{load_err, Result};
 use super::family::{Family, LoadOptions};
+use super::flux2::Flux2Klein;
 use super::load::ModelFiles;
 use super::z_image::ZImage;
 
@@ -17,20 +20,26 @@ pub struct FamilyEntry {
 }
 
 fn load_z_image(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn Family>> {
-    Ok(Box::new(ZImage::load_with(
-        files,
-        &opts.device,
-        opts.dtype,
-        opts.offload_text_encoder,
-    )?))
+    Ok(Box::new(ZImage::load_opts(files, opts)?))
+}
+
+fn load_flux2_klein(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn Family>> {
+    Ok(Box::new(Flux2Klein::load(files, opts)?))
 }
 
 /// Every family of this build.
-pub const FAMILIES: &[FamilyEntry] = &[FamilyEntry {
-    name: "z-image",
-    class_name: "ZImagePipeline",
-    load: load_z_image,
-}];
+pub const FAMILIES: &[FamilyEntry] = &[
+    FamilyEntry {
+        name: "z-image",
+        class_name: "ZImagePipeline",
+        load: load_z_image,
+    },
+    FamilyEntry {
+        name: "flux2-klein",
+        class_name: "Flux2KleinPipeline",
+        load: load_flux2_klein,
+    },
+];
 
 /// The family names, comma-separated, for messages.
 pub fn family_names() -> String {
@@ -121,6 +130,61 @@ pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u
         total += files.parameter_count(component, stem)? * opts.dtype.size_in_bytes() as u64;
     }
     Ok(total)
+}
+
+/// The settings under which a checkout's weights would fit `budget` bytes, for the error that
+/// says they do not.
+pub fn what_fits(files: &ModelFiles, opts: &LoadOptions, budget: u64) -> String {
+    let mut tries: Vec<(&str, LoadOptions)> = Vec::new();
+    let mut half = opts.clone();
+    half.dtype = DType::BF16;
+    let mut offload = opts.clone();
+    offload.offload_text_encoder = true;
+    let mut both = half.clone();
+    both.offload_text_encoder = true;
+    if opts.dtype == DType::F32 {
+        tries.push(("--dtype bf16", half));
+    }
+    if !opts.offload_text_encoder && !opts.device.is_cpu() {
+        tries.push(("--offload-text-encoder", offload));
+        if opts.dtype == DType::F32 {
+            tries.push(("--dtype bf16 --offload-text-encoder", both));
+        }
+    }
+    let fits: Vec<String> = tries
+        .into_iter()
+        .filter_map(|(flag, o)| {
+            let bytes = estimate_weight_bytes(files, &o).ok()?;
+            (bytes <= budget).then(|| format!("{flag} ({})", human_bytes(bytes)))
+        })
+        .collect();
+    if fits.is_empty() {
+        "a quantized variant of the pipeline, or a device with more memory".into()
+    } else {
+        format!("{}; or a quantized variant", fits.join(", "))
+    }
+}
+
+/// Bytes for people: `12.3 GiB`, `512.0 MiB`, `80.5 KiB`, `12 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        return "unlimited".into();
+    }
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    if unit == "B" {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {unit}")
+    }
 }
 
 #[cfg(test)]

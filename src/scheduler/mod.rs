@@ -21,6 +21,7 @@ use self::pipelines::Pipelines;
 pub use self::queue::{Batchable, Queue};
 use self::worker::{Pending, Worker};
 use crate::catalog::Pipeline;
+use crate::image::RgbImage;
 use crate::pipeline::{self, denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
 
 /// One generation job: `seeds.len()` images of one prompt at one size.
@@ -38,14 +39,6 @@ pub struct Job {
     /// Model evaluations (denoising steps).
     pub steps: u32,
     pub guidance_scale: f32,
-}
-
-/// An 8-bit RGB image, row-major, `width * height * 3` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Image {
-    pub width: u32,
-    pub height: u32,
-    pub rgb: Vec<u8>,
 }
 
 /// Why a submitted job produced no images.
@@ -87,14 +80,14 @@ impl CancelFlag {
 /// result arrives cancels the job at the next step boundary.
 #[derive(Debug)]
 pub struct Ticket {
-    rx: Option<oneshot::Receiver<Result<Vec<Image>, JobError>>>,
+    rx: Option<oneshot::Receiver<Result<Vec<RgbImage>, JobError>>>,
     cancel: CancelFlag,
     finished: bool,
 }
 
 impl Ticket {
     pub(crate) fn new(
-        rx: oneshot::Receiver<Result<Vec<Image>, JobError>>,
+        rx: oneshot::Receiver<Result<Vec<RgbImage>, JobError>>,
         cancel: CancelFlag,
     ) -> Self {
         Self {
@@ -105,7 +98,7 @@ impl Ticket {
     }
 
     /// Wait for the job's images.
-    pub async fn wait(mut self) -> Result<Vec<Image>, JobError> {
+    pub async fn wait(mut self) -> Result<Vec<RgbImage>, JobError> {
         let rx = match self.rx.take() {
             Some(rx) => rx,
             None => return Err(JobError::Cancelled),
@@ -380,6 +373,12 @@ impl SchedulerHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// Whether every device thread is still running (false once one stopped or died).
+    pub fn is_running(&self) -> bool {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        !threads.is_empty() && threads.iter().all(|t| !t.is_finished())
     }
 
     /// Names of the pipelines jobs may name.

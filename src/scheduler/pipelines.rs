@@ -87,11 +87,12 @@ impl Pipelines {
             .map_err(|e| format!("pipeline {name}: {e}"))?;
         if need > self.budget {
             return Err(format!(
-                "pipeline {name} needs {} of weights, more than the memory budget of {} \
-                 (--memory-budget; a smaller dtype, --offload-text-encoder or a quantized variant \
-                 may fit)",
+                "pipeline {name} needs {} of weights in {:?}, more than the memory budget of {}; \
+                 what would fit: {}",
                 gib(need),
-                gib(self.budget)
+                opts.dtype,
+                gib(self.budget),
+                pipeline::registry::what_fits(&files, &opts, self.budget)
             ));
         }
         let mut unloaded = Vec::new();
@@ -123,10 +124,7 @@ impl Pipelines {
     }
 }
 
-/// Bytes as GiB with one decimal.
+/// Bytes for people (`12.3 GiB`).
 pub(crate) fn gib(bytes: u64) -> String {
-    if bytes == u64::MAX {
-        return "unlimited".into();
-    }
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    pipeline::registry::human_bytes(bytes)
 }

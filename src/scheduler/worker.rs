@@ -15,14 +15,14 @@ use tokio::sync::oneshot;
 
 use super::pipelines::Pipelines;
 use super::queue::{fair_share, Batchable};
-use super::{CancelFlag, Image, Job, JobError, Shared};
+use super::{CancelFlag, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
 use crate::pipeline::{Guidance, RgbImage};
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
     pub job: Job,
-    pub reply: oneshot::Sender<Result<Vec<Image>, JobError>>,
+    pub reply: oneshot::Sender<Result<Vec<RgbImage>, JobError>>,
     pub cancel: CancelFlag,
     pub submitted: Instant,
     pub span: tracing::Span,
@@ -77,16 +77,6 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
-}
-
-fn to_images(v: Vec<RgbImage>) -> Vec<Image> {
-    v.into_iter()
-        .map(|i| Image {
-            width: i.width,
-            height: i.height,
-            rgb: i.data,
-        })
-        .collect()
 }
 
 impl Worker {
@@ -389,7 +379,7 @@ impl Worker {
                 .metrics
                 .add_worker_images(self.index, mine.len() as u64);
             tracing::info!(parent: &a.pending.span, worker = self.index, seconds = latency, images = mine.len(), "generated");
-            let _ = a.pending.reply.send(Ok(to_images(mine)));
+            let _ = a.pending.reply.send(Ok(mine));
         }
     }
 }

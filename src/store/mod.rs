@@ -11,10 +11,11 @@ mod id;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-pub use encode::{encode, ImageFormat};
+pub use crate::image::ImageFormat;
+pub use encode::encode;
 pub use id::RequestId;
 
-use crate::scheduler::Image;
+use crate::image::RgbImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -24,10 +25,14 @@ pub enum StoreError {
     Encode(#[from] image::ImageError),
 }
 
-/// A stored image's bytes and MIME type.
+/// A stored image, opened for streaming: never read whole into memory.
 #[derive(Debug)]
 pub struct StoredFile {
-    pub bytes: Vec<u8>,
+    pub file: tokio::fs::File,
+    /// Bytes in the file.
+    pub len: u64,
+    /// Last modification (the image's creation: files are never rewritten).
+    pub modified: Option<std::time::SystemTime>,
     pub content_type: &'static str,
 }
 
@@ -54,7 +59,7 @@ impl FileStore {
     pub fn save(
         &self,
         id: &RequestId,
-        images: &[Image],
+        images: &[RgbImage],
         format: ImageFormat,
     ) -> Result<Vec<String>, StoreError> {
         let dir = self.gen_dir.join(id.as_str());
@@ -74,19 +79,29 @@ impl FileStore {
         written
     }
 
-    /// Read a stored image, given the URL's request ID and file name. `None` for anything that is
-    /// not exactly a stored image.
-    pub async fn read(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+    /// Open a stored image, given the URL's request ID and file name. `None` for anything that
+    /// is not exactly a stored image.
+    pub async fn open_file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
         let id = RequestId::parse(request_id)?;
         let (_, format) = parse_file_name(file_name)?;
-        let path = self.gen_dir.join(id.as_str()).join(file_name);
+        // Neither the request's directory nor the file may be a symlink (or anything but what
+        // save writes): a link planted under the store must not lead the server elsewhere.
+        let request_dir = self.gen_dir.join(id.as_str());
+        let dir_meta = tokio::fs::symlink_metadata(&request_dir).await.ok()?;
+        if !dir_meta.is_dir() {
+            return None;
+        }
+        let path = request_dir.join(file_name);
         let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
         if !meta.is_file() {
             return None;
         }
-        let bytes = tokio::fs::read(&path).await.ok()?;
+        let file = tokio::fs::File::open(&path).await.ok()?;
+        let meta = file.metadata().await.ok()?;
         Some(StoredFile {
-            bytes,
+            file,
+            len: meta.len(),
+            modified: meta.modified().ok(),
             content_type: format.content_type(),
         })
     }
@@ -127,7 +142,7 @@ impl FileStore {
 fn write_atomically(
     dir: &Path,
     name: &str,
-    img: &Image,
+    img: &RgbImage,
     format: ImageFormat,
 ) -> Result<(), StoreError> {
     let mut builder = tempfile::Builder::new();
@@ -164,11 +179,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn img(w: u32, h: u32) -> Image {
-        Image {
+    fn img(w: u32, h: u32) -> RgbImage {
+        RgbImage {
             width: w,
             height: h,
-            rgb: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
+            data: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
         }
     }
 
@@ -213,9 +228,14 @@ mod tests {
                 .unwrap();
             assert_eq!(names.len(), 2);
             for (i, name) in names.iter().enumerate() {
-                let f = store.read(id.as_str(), name).await.unwrap();
+                let mut f = store.open_file(id.as_str(), name).await.unwrap();
                 assert_eq!(f.content_type, format.content_type());
-                let decoded = image::load_from_memory(&f.bytes).unwrap();
+                let mut bytes = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut f.file, &mut bytes)
+                    .await
+                    .unwrap();
+                assert_eq!(bytes.len() as u64, f.len);
+                let decoded = image::load_from_memory(&bytes).unwrap();
                 let (w, h) = if i == 0 { (32, 16) } else { (16, 32) };
                 assert_eq!((decoded.width(), decoded.height()), (w, h));
             }
@@ -235,13 +255,50 @@ mod tests {
         std::fs::write(dir.path().join("secret.txt"), b"x").unwrap();
         let id = RequestId::generate();
         store.save(&id, &[img(16, 16)], ImageFormat::Png).unwrap();
-        assert!(store.read(id.as_str(), "image_0.png").await.is_some());
-        assert!(store.read(id.as_str(), "image_0.jpg").await.is_none());
-        assert!(store.read(id.as_str(), "image_1.png").await.is_none());
-        assert!(store.read("..", "secret.txt").await.is_none());
-        assert!(store.read("req_../../..", "image_0.png").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_0.png").await.is_some());
+        assert!(store.open_file(id.as_str(), "image_0.jpg").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_1.png").await.is_none());
+        assert!(store.open_file("..", "secret.txt").await.is_none());
         assert!(store
-            .read(&RequestId::generate().to_string(), "image_0.png")
+            .open_file("req_../../..", "image_0.png")
+            .await
+            .is_none());
+        assert!(store
+            .open_file(&RequestId::generate().to_string(), "image_0.png")
+            .await
+            .is_none());
+    }
+
+    /// Issue 15, finding 7: a directory symlink planted as a request's directory was followed,
+    /// serving whatever `image_0.png` the link's target held.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_planted_directory_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let real = RequestId::generate();
+        store.save(&real, &[img(16, 16)], ImageFormat::Png).unwrap();
+        let gen = dir.path().join("files/gen");
+        let planted = RequestId::generate();
+        std::os::unix::fs::symlink(gen.join(real.as_str()), gen.join(planted.as_str())).unwrap();
+        assert!(store
+            .open_file(real.as_str(), "image_0.png")
+            .await
+            .is_some());
+        assert!(store
+            .open_file(planted.as_str(), "image_0.png")
+            .await
+            .is_none());
+        // A symlinked file is refused as before.
+        let linked = RequestId::generate();
+        std::fs::create_dir(gen.join(linked.as_str())).unwrap();
+        std::os::unix::fs::symlink(
+            gen.join(real.as_str()).join("image_0.png"),
+            gen.join(linked.as_str()).join("image_0.png"),
+        )
+        .unwrap();
+        assert!(store
+            .open_file(linked.as_str(), "image_0.png")
             .await
             .is_none());
     }
@@ -260,8 +317,8 @@ mod tests {
             .remove_older_than(std::time::Duration::from_millis(600))
             .unwrap();
         assert_eq!(removed, 1);
-        assert!(store.read(old.as_str(), "image_0.png").await.is_none());
-        assert!(store.read(new.as_str(), "image_0.png").await.is_some());
+        assert!(store.open_file(old.as_str(), "image_0.png").await.is_none());
+        assert!(store.open_file(new.as_str(), "image_0.png").await.is_some());
         assert!(dir.path().join("files/gen/keep.txt").exists());
     }
 
@@ -270,10 +327,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let id = RequestId::generate();
-        let bad = Image {
+        let bad = RgbImage {
             width: 4,
             height: 4,
-            rgb: vec![0; 5],
+            data: vec![0; 5],
         };
         assert!(store.save(&id, &[bad], ImageFormat::Png).is_err());
         assert!(!dir.path().join("files/gen").join(id.as_str()).exists());

@@ -6,13 +6,13 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::transformer::{ItemInput, Transformer};
-use super::vae::VaeDecoder;
 use super::ZImage;
 use crate::pipeline::error::{PipelineError, Result};
 use crate::pipeline::family::{CfgRule, Conditioning, Family, FamilyInfo, ModelInput};
 use crate::pipeline::image::{to_rgb8, RgbImage};
 use crate::pipeline::noise::initial_latent;
 use crate::pipeline::sampler::{model_time, sigmas};
+use crate::pipeline::vae::VaeDecoder;
 
 /// Prompts are cut at this many tokens by default (the reference's `max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
