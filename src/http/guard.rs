@@ -49,7 +49,7 @@ impl WebPolicy {
             (Some(_), None) => false,
             (Some(allowed), Some(h)) => {
                 let name = Self::host_name(h);
-                allowed.iter().any(|a| *a == name)
+                allowed.contains(&name)
             }
         }
     }
