@@ -29,6 +29,8 @@ struct Args {
     warmup: usize,
     /// Time the denoising loop only (for profiling the transformer).
     skip_vae: bool,
+    /// `z-image` or `flux2-klein`: checked against the model's own family.
+    family: Option<String>,
 }
 
 /// The command line; an unknown flag or a bad value stops the bench (a typo must not silently
@@ -43,6 +45,7 @@ fn parse() -> Result<Args, String> {
         runs: 5,
         warmup: 2,
         skip_vae: false,
+        family: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
@@ -65,13 +68,15 @@ fn parse() -> Result<Args, String> {
                 std::env::set_var("RAYON_NUM_THREADS", number()?.to_string());
             }
             "--skip-vae" => a.skip_vae = true,
+            // The family is read from the model's model_index.json; given, it must agree.
+            "--family" => a.family = Some(value()?),
             // Passed by `cargo bench` itself.
             "--bench" => {}
             other => {
                 return Err(format!(
-                    "unknown argument '{other}' (takes --model DIR --height N --width N --steps N \
-                     --num-images N --runs N --warmup N --threads N --skip-vae)"
-                ))
+                "unknown argument '{other}' (takes --model DIR --family NAME --height N --width N \
+                     --steps N --num-images N --runs N --warmup N --threads N --skip-vae)"
+            ))
             }
         }
     }
@@ -83,10 +88,10 @@ fn parse() -> Result<Args, String> {
 
 /// One untimed generation, checked before anything is timed: finite latents and the right number
 /// of images of the right size whose pixels are not all alike (a broken pipeline is not timed).
-fn check(model: &ZImage, a: &Args, s: &GenerateSpec) -> Result<(), String> {
+fn check(model: &dyn Family, a: &Args, s: &GenerateSpec) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let cond = model.condition(s).map_err(|e| err(&e))?;
-    let mut items = model.items(s, &cond).map_err(|e| err(&e))?;
+    let cond = denoise::condition(model, s).map_err(|e| err(&e))?;
+    let mut items = denoise::items(model, s, &cond).map_err(|e| err(&e))?;
     while items.iter().any(|i| !i.is_done()) {
         let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
         denoise::step(model, &mut refs).map_err(|e| err(&e))?;
@@ -95,7 +100,7 @@ fn check(model: &ZImage, a: &Args, s: &GenerateSpec) -> Result<(), String> {
     let batch = Tensor::stack(&latents, 0).map_err(|e| err(&e))?;
     let values = batch
         .flatten_all()
-        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| err(&e))?;
     if values.iter().any(|v| !v.is_finite()) {
@@ -104,8 +109,7 @@ fn check(model: &ZImage, a: &Args, s: &GenerateSpec) -> Result<(), String> {
     if a.skip_vae {
         return Ok(());
     }
-    let decoded = model.decode(&batch).map_err(|e| err(&e))?;
-    let images = to_rgb8(&decoded).map_err(|e| err(&e))?;
+    let images = model.decode(&latents).map_err(|e| err(&e))?;
     if images.len() != a.num_images {
         return Err(format!("{} images, not {}", images.len(), a.num_images));
     }
@@ -166,6 +170,16 @@ fn main() {
     }
     let model = common_load(&a.model);
     let model = model.as_ref();
+    if let Some(f) = &a.family {
+        if f != model.info().family {
+            eprintln!(
+                "pipeline_stages: --family {f} but {} holds a {} model",
+                a.model,
+                model.info().family
+            );
+            std::process::exit(2);
+        }
+    }
     let spec = |seed: u64| GenerateSpec {
         prompt: PROMPT.into(),
         negative_prompt: String::new(),
@@ -175,7 +189,7 @@ fn main() {
         steps: a.steps,
         guidance: Guidance::none(),
     };
-    if let Err(e) = check(&model, &a, &spec(u64::from(u32::MAX))) {
+    if let Err(e) = check(model, &a, &spec(u64::from(u32::MAX))) {
         eprintln!("pipeline_stages: the pipeline's output is wrong, nothing timed: {e}");
         std::process::exit(1);
     }

@@ -12,6 +12,7 @@ use crate::image::{ImageFormat, RgbImage};
 /// JPEG quality (1-100) of stored images.
 const JPEG_QUALITY: u8 = 92;
 
+/// Encode one RGB image into `out` in `format`.
 pub fn encode(img: &RgbImage, format: ImageFormat, out: impl Write) -> image::ImageResult<()> {
     let expected = img.width as usize * img.height as usize * 3;
     if img.data.len() != expected {
