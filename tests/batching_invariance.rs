@@ -43,6 +43,37 @@ fn z_image_alone_together_and_joining_mid_loop_agree() {
     alone_together_and_joining_mid_loop_agree(&model, &specs());
 }
 
+#[test]
+fn flux2_klein_alone_together_and_joining_mid_loop_agree() {
+    let dir = std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
+        })
+        .join("tiny");
+    let opts = RunOptions {
+        device: DeviceSpec::Cpu,
+        ..RunOptions::default()
+    }
+    .open()
+    .unwrap();
+    let model =
+        diffusiond::pipeline::load(&diffusiond::pipeline::WeightSource::Local(dir), None, &opts)
+            .unwrap();
+    assert_eq!(model.info().family, "flux2-klein");
+    // FLUX.2 pads every prompt to the same length; steps differ, so items leave at different
+    // times, and the schedules differ (mu depends on the step count).
+    let specs: Vec<GenerateSpec> = specs()
+        .into_iter()
+        .zip([4usize, 3, 2])
+        .map(|(mut s, steps)| {
+            s.steps = steps;
+            s
+        })
+        .collect();
+    alone_together_and_joining_mid_loop_agree(model.as_ref(), &specs);
+}
+
 /// Run `specs` alone, all together, and joining a running batch mid-loop: identical bytes.
 fn alone_together_and_joining_mid_loop_agree(model: &dyn Family, specs: &[GenerateSpec]) {
     let conds: Vec<_> = specs
