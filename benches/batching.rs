@@ -9,7 +9,7 @@ mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use diffusiond::catalog::Pipeline;
-use diffusiond::pipeline::{denoise, DeviceSpec, RunOptions};
+use diffusiond::pipeline::{denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
 use diffusiond::scheduler::{self, Job, SchedulerConfig};
 
 #[global_allocator]
@@ -71,13 +71,15 @@ fn concurrent(c: &mut Criterion) {
                         handle
                             .submit(Job {
                                 pipeline: "z".into(),
-                                prompt: format!("{} #{i}", common::PROMPT),
-                                negative_prompt: String::new(),
-                                width: 256,
-                                height: 256,
-                                seeds: vec![i],
-                                steps: 9,
-                                guidance_scale: 0.0,
+                                spec: GenerateSpec {
+                                    prompt: format!("{} #{i}", common::PROMPT),
+                                    negative_prompt: String::new(),
+                                    width: 256,
+                                    height: 256,
+                                    seeds: vec![i],
+                                    steps: 9,
+                                    guidance: Guidance::none(),
+                                },
                             })
                             .expect("submit")
                     })

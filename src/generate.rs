@@ -9,7 +9,7 @@ use crate::app::{load_catalog, pipeline_configs};
 use crate::catalog::Catalog;
 use crate::cli::GenerateArgs;
 use crate::infer::{validate, RawRequest};
-use crate::pipeline::{self, denoise, GenerateSpec, Guidance, RgbImage, WeightSource};
+use crate::pipeline::{self, denoise, RgbImage, WeightSource};
 use crate::store::{encode, ImageFormat};
 
 fn format_of(path: &Path) -> Result<ImageFormat> {
@@ -107,18 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     opts.max_sequence_length = p.max_sequence_length;
     let model = pipeline::load(&source, p.family.as_deref(), &opts)
         .with_context(|| format!("cannot load {} from {}", p.name, p.weights))?;
-    let spec = GenerateSpec {
-        prompt: job.prompt.clone(),
-        negative_prompt: job.negative_prompt.clone(),
-        width: job.width as usize,
-        height: job.height as usize,
-        seeds: job.seeds.clone(),
-        steps: job.steps as usize,
-        guidance: Guidance {
-            scale: job.guidance_scale,
-            ..Guidance::none()
-        },
-    };
+    let spec = job.spec;
     let bar = ProgressBar::new(spec.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")

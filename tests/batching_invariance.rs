@@ -164,15 +164,17 @@ fn scheduler_batches_without_changing_images() {
         .enable_all()
         .build()
         .unwrap();
-    let job = |prompt: &str, seed: u64, steps: u32| Job {
+    let job = |prompt: &str, seed: u64, steps: usize| Job {
         pipeline: "z".into(),
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        width: 64,
-        height: 64,
-        seeds: vec![seed, seed + 1],
-        steps,
-        guidance_scale: 0.0,
+        spec: GenerateSpec {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            seeds: vec![seed, seed + 1],
+            steps,
+            guidance: Guidance::none(),
+        },
     };
     let jobs = [
         job("a red fox", 11, 8),

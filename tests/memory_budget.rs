@@ -6,7 +6,9 @@
 mod common;
 
 use diffusiond::catalog::Pipeline;
-use diffusiond::pipeline::{self, DeviceSpec, ModelFiles, RunOptions, WeightSource};
+use diffusiond::pipeline::{
+    self, DeviceSpec, GenerateSpec, Guidance, ModelFiles, RunOptions, WeightSource,
+};
 use diffusiond::scheduler::{self, Job, SchedulerConfig, SchedulerHandle};
 
 fn pipeline(name: &str) -> Pipeline {
@@ -46,13 +48,15 @@ fn start(budget: u64) -> Result<SchedulerHandle, scheduler::StartError> {
 fn run(handle: &SchedulerHandle, name: &str) -> Vec<u8> {
     let job = Job {
         pipeline: name.into(),
-        prompt: "a red fox".into(),
-        negative_prompt: String::new(),
-        width: 64,
-        height: 64,
-        seeds: vec![3],
-        steps: 2,
-        guidance_scale: 0.0,
+        spec: GenerateSpec {
+            prompt: "a red fox".into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            seeds: vec![3],
+            steps: 2,
+            guidance: Guidance::none(),
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

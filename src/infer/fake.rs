@@ -61,12 +61,13 @@ impl Generator for Fake {
         match mode {
             Mode::Succeed => {
                 let images = job
+                    .spec
                     .seeds
                     .iter()
                     .map(|s| RgbImage {
-                        width: job.width,
-                        height: job.height,
-                        data: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
+                        width: job.spec.width as u32,
+                        height: job.spec.height as u32,
+                        data: vec![(*s % 256) as u8; job.spec.width * job.spec.height * 3],
                     })
                     .collect();
                 let _ = tx.send(Ok(images));

@@ -250,12 +250,12 @@ impl Facade {
             }
         })?;
         let (job, format) = (&valid.job, valid.format);
-        if images.len() != job.seeds.len()
+        if images.len() != job.spec.seeds.len()
             || images
                 .iter()
-                .any(|i| (i.width, i.height) != (job.width, job.height))
+                .any(|i| (i.width as usize, i.height as usize) != (job.spec.width, job.spec.height))
         {
-            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
+            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.spec.seeds.len(), job.spec.width, job.spec.height);
             return Err(InferError::GenerationFailed);
         }
         let store = self.store.clone();
@@ -271,15 +271,15 @@ impl Facade {
             request_id: id.clone(),
             images: names
                 .into_iter()
-                .zip(&job.seeds)
+                .zip(&job.spec.seeds)
                 .map(|(file_name, seed)| GeneratedImage {
                     file_name,
                     seed: *seed,
                 })
                 .collect(),
             credits_used: valid.credits,
-            width: job.width,
-            height: job.height,
+            width: job.spec.width as u32,
+            height: job.spec.height as u32,
         })
     }
 

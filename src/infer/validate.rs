@@ -2,6 +2,7 @@
 //! defaults, the price and one seed per image filled in. Nothing past this point sees raw input.
 
 use crate::catalog::{Catalog, Model, Pricing, GUIDANCE_RANGE, STEPS_RANGE};
+use crate::pipeline::{GenerateSpec, Guidance};
 use crate::scheduler::Job;
 use crate::store::ImageFormat;
 
@@ -148,15 +149,20 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         model: model.id.clone(),
         job: Job {
             pipeline: pipeline.name.clone(),
-            prompt,
-            negative_prompt: raw.negative_prompt.unwrap_or_default(),
-            width,
-            height,
-            seeds: (0..n)
-                .map(|i| first_seed.wrapping_add(u64::from(i)))
-                .collect(),
-            steps,
-            guidance_scale,
+            spec: GenerateSpec {
+                prompt,
+                negative_prompt: raw.negative_prompt.unwrap_or_default(),
+                width: width as usize,
+                height: height as usize,
+                seeds: (0..n)
+                    .map(|i| first_seed.wrapping_add(u64::from(i)))
+                    .collect(),
+                steps: steps as usize,
+                guidance: Guidance {
+                    scale: guidance_scale,
+                    ..Guidance::none()
+                },
+            },
         },
         format,
         credits: price_of_work(tier.price, steps, default_steps, cfg, n).ok_or_else(|| {
@@ -313,17 +319,20 @@ mod tests {
     fn defaults_are_filled() {
         let v = validate(&catalog(), req("flux-2-pro")).unwrap();
         assert_eq!(v.credits, 250);
-        assert_eq!((v.job.width, v.job.height), (1024, 1024));
-        assert_eq!(v.job.seeds.len(), 1);
+        assert_eq!((v.job.spec.width, v.job.spec.height), (1024, 1024));
+        assert_eq!(v.job.spec.seeds.len(), 1);
         assert_eq!(
-            v.job.steps, 4,
+            v.job.spec.steps, 4,
             "FLUX.2 [klein] serves flux-2-pro at its 4 steps"
         );
-        assert_eq!(v.job.guidance_scale, 1.0);
+        assert_eq!(v.job.spec.guidance.scale, 1.0);
         assert_eq!(v.job.pipeline, "flux2-klein");
-        assert_eq!(v.job.negative_prompt, "");
+        assert_eq!(v.job.spec.negative_prompt, "");
         let z = validate(&catalog(), req("z-image-turbo")).unwrap();
-        assert_eq!((z.job.pipeline.as_str(), z.job.steps), ("z-image-turbo", 8));
+        assert_eq!(
+            (z.job.pipeline.as_str(), z.job.spec.steps),
+            ("z-image-turbo", 8)
+        );
         assert_eq!(v.format, ImageFormat::Jpeg);
     }
 
@@ -333,13 +342,13 @@ mod tests {
         r.seed = Some(i128::from(u64::MAX) - 1);
         r.num_images = Some(4);
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!(v.job.seeds, [u64::MAX - 1, u64::MAX, 0, 1]);
+        assert_eq!(v.job.spec.seeds, [u64::MAX - 1, u64::MAX, 0, 1]);
         assert_eq!(v.credits, 400);
         let r = RawRequest {
             num_images: Some(3),
             ..req("z-image-turbo")
         };
-        let seeds = validate(&catalog(), r).unwrap().job.seeds;
+        let seeds = validate(&catalog(), r).unwrap().job.spec.seeds;
         assert_eq!(seeds[1], seeds[0].wrapping_add(1));
         assert_eq!(seeds[2], seeds[0].wrapping_add(2));
     }
@@ -422,7 +431,7 @@ mod tests {
             ..req("z-image-turbo")
         };
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!((v.job.width, v.job.height), (256, 2048));
+        assert_eq!((v.job.spec.width, v.job.spec.height), (256, 2048));
     }
 
     #[test]
@@ -490,7 +499,10 @@ mod tests {
     #[test]
     fn gpt_image_2_prices_and_sizes() {
         let v = validate(&catalog(), req("gpt-image-2")).unwrap();
-        assert_eq!((v.credits, v.job.width, v.job.steps), (200, 1024, 8));
+        assert_eq!(
+            (v.credits, v.job.spec.width, v.job.spec.steps),
+            (200, 1024, 8)
+        );
         let r = RawRequest {
             resolution: Some("4k".into()),
             quality: Some("high".into()),
@@ -498,7 +510,10 @@ mod tests {
             ..req("gpt-image-2")
         };
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!((v.credits, v.job.width, v.job.height), (6400, 4096, 4096));
+        assert_eq!(
+            (v.credits, v.job.spec.width, v.job.spec.height),
+            (6400, 4096, 4096)
+        );
         let r = RawRequest {
             resolution: Some("2k".into()),
             quality: Some("low".into()),
@@ -507,7 +522,12 @@ mod tests {
         };
         let v = validate(&catalog(), r).unwrap();
         assert_eq!(
-            (v.credits, v.job.width, v.job.height, v.job.steps),
+            (
+                v.credits,
+                v.job.spec.width,
+                v.job.spec.height,
+                v.job.spec.steps
+            ),
             (100, 512, 2048, 4)
         );
     }
@@ -534,10 +554,14 @@ mod tests {
         };
         let v = validate(&catalog(), r).unwrap();
         assert_eq!(
-            (v.job.steps, v.job.guidance_scale, v.job.seeds[0]),
+            (
+                v.job.spec.steps,
+                v.job.spec.guidance.scale,
+                v.job.spec.seeds[0]
+            ),
             (3, 4.0, 7)
         );
-        assert_eq!(v.job.negative_prompt, "blurry");
+        assert_eq!(v.job.spec.negative_prompt, "blurry");
         assert_eq!(v.format, ImageFormat::Webp);
     }
 

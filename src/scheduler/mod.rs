@@ -24,21 +24,13 @@ use crate::catalog::Pipeline;
 use crate::image::RgbImage;
 use crate::pipeline::{self, denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
 
-/// One generation job: `seeds.len()` images of one prompt at one size.
+/// One generation job: what to generate ([`GenerateSpec`], the pipeline layer's own type:
+/// `spec.seeds.len()` images of one prompt at one size) and which local pipeline runs it.
 #[derive(Debug, Clone)]
 pub struct Job {
     /// Name of the local pipeline (e.g. `z-image-turbo`).
     pub pipeline: String,
-    pub prompt: String,
-    /// Used only when `guidance_scale > 0`.
-    pub negative_prompt: String,
-    pub width: u32,
-    pub height: u32,
-    /// One seed per image; the number of images is `seeds.len()`.
-    pub seeds: Vec<u64>,
-    /// Model evaluations (denoising steps).
-    pub steps: u32,
-    pub guidance_scale: f32,
+    pub spec: GenerateSpec,
 }
 
 /// Why a submitted job produced no images.

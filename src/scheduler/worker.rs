@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 use super::pipelines::Pipelines;
 use super::queue::{fair_share, Batchable};
 use super::{CancelFlag, Job, JobError, Shared};
-use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use crate::pipeline::{Guidance, RgbImage};
+use crate::pipeline::denoise::{self, DenoiseItem};
+use crate::pipeline::RgbImage;
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
@@ -32,8 +32,8 @@ pub(crate) struct Pending {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BatchKey {
     pipeline: String,
-    width: u32,
-    height: u32,
+    width: usize,
+    height: usize,
     cfg: bool,
 }
 
@@ -42,13 +42,13 @@ impl Batchable for Pending {
     fn batch_key(&self) -> BatchKey {
         BatchKey {
             pipeline: self.job.pipeline.clone(),
-            width: self.job.width,
-            height: self.job.height,
-            cfg: self.job.guidance_scale > 0.0,
+            width: self.job.spec.width,
+            height: self.job.spec.height,
+            cfg: self.job.spec.guidance.scale > 0.0,
         }
     }
     fn images(&self) -> usize {
-        self.job.seeds.len()
+        self.job.spec.seeds.len()
     }
 }
 
@@ -233,18 +233,7 @@ impl Worker {
             self.fail(p, format!("pipeline '{name}' is not loaded"));
             return None;
         };
-        let spec = GenerateSpec {
-            prompt: p.job.prompt.clone(),
-            negative_prompt: p.job.negative_prompt.clone(),
-            width: p.job.width as usize,
-            height: p.job.height as usize,
-            seeds: p.job.seeds.clone(),
-            steps: p.job.steps as usize,
-            guidance: Guidance {
-                scale: p.job.guidance_scale,
-                ..Guidance::none()
-            },
-        };
+        let spec = p.job.spec.clone();
         let span = tracing::info_span!(parent: &p.span, "text_encode");
         let made = span.in_scope(|| {
             catch_unwind(AssertUnwindSafe(|| {
