@@ -149,7 +149,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let facade = Arc::new(
         Facade::new(catalog, policy, store, worker.clone())
-            .with_admission_limit(args.queue_capacity.max(1)),
+            .with_admission_limit(args.queue_capacity),
     );
     let web = web_policy(&args, mode, bound);
     let state = AppState::new(
@@ -171,9 +171,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let limits = http::Limits {
-        max_connections: args.max_connections.max(1),
-        header_read_timeout: Duration::from_secs(args.header_read_timeout.max(1)),
-        write_timeout: Duration::from_secs(args.write_timeout.max(1)),
+        max_connections: args.max_connections,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        write_timeout: Duration::from_secs(args.write_timeout),
     };
     let server = http::serve(listener, http::router(state), limits, async move {
         shutdown_signal().await;

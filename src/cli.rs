@@ -245,15 +245,15 @@ pub struct ServeArgs {
     pub retention: Option<Age>,
     /// Open HTTP connections at most; further clients wait in the listen backlog until one
     /// closes. Keep it below the process's file-descriptor limit (`ulimit -n`).
-    #[arg(long, env = "DIFFUSIOND_MAX_CONNECTIONS", default_value_t = 512)]
+    #[arg(long, env = "DIFFUSIOND_MAX_CONNECTIONS", default_value_t = 512, value_parser = at_least_one())]
     pub max_connections: usize,
     /// Seconds a connection may take to send a request's complete headers, counted from when it
     /// opens or its previous response ends: also how long an idle keep-alive connection stays open.
-    #[arg(long, env = "DIFFUSIOND_HEADER_READ_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "DIFFUSIOND_HEADER_READ_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout: u64,
     /// Seconds a response may wait for the client to read more of it before the connection is
     /// closed (a client that stopped reading). Progress, however slow, resets it.
-    #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60)]
+    #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
 }
 
