@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use self::config::TransformerConfig;
 use self::latent::BatchNormStats;
 use self::transformer::Transformer;
-use super::error::{load_err, PipelineError, Result};
+use super::error::{load_err, Result};
 use super::family::{CfgRule, Conditioning, Family, FamilyInfo, LoadOptions, ModelInput};
 use super::image::{to_rgb8, RgbImage};
 use super::load::ModelFiles;
@@ -282,16 +282,6 @@ impl Family for Flux2Klein {
     }
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
-    }
-
-    fn check_size(&self, width: usize, height: usize) -> Result<()> {
-        let m = SIZE_MULTIPLE;
-        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
-            return Err(PipelineError::InvalidInput(format!(
-                "FLUX.2 [klein] needs width and height that are positive multiples of {m}, got {width}x{height}"
-            )));
-        }
-        Ok(())
     }
 
     /// The positive prompt and, with CFG, the negative one (the reference always uses `""`

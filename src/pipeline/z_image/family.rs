@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::transformer::{ItemInput, Transformer};
 use super::ZImage;
-use crate::pipeline::error::{PipelineError, Result};
+use crate::pipeline::error::Result;
 use crate::pipeline::family::{CfgRule, Conditioning, Family, FamilyInfo, ModelInput};
 use crate::pipeline::image::{to_rgb8, RgbImage};
 use crate::pipeline::noise::initial_latent;
@@ -41,16 +41,6 @@ impl Family for ZImage {
     }
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
-    }
-
-    fn check_size(&self, width: usize, height: usize) -> Result<()> {
-        let m = self.size_multiple();
-        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
-            return Err(PipelineError::InvalidInput(format!(
-                "width and height must be positive multiples of {m} (got {width}x{height})"
-            )));
-        }
-        Ok(())
     }
 
     fn encode(&self, prompt: &str, negative: Option<&str>) -> Result<Conditioning> {
