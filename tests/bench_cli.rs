@@ -31,7 +31,10 @@ fn bench(args: &[&str]) -> Value {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The table is printed too, one line per size and batch.
-    assert!(stdout.contains("| size |") || stdout.contains("size |"), "{stdout}");
+    assert!(
+        stdout.contains("| size |") || stdout.contains("size |"),
+        "{stdout}"
+    );
     serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
 
@@ -54,8 +57,17 @@ fn f(v: &Value, k: &str) -> f64 {
 /// images per minute from seconds per image, TFLOP/s from the FLOPs the configuration gives.
 fn check_report(r: &Value, rows: usize, steps: usize, model: &dyn Family) {
     for k in [
-        "pipeline", "family", "weights", "source", "device", "device_name", "cpu_model", "dtype",
-        "prompt", "peak_source", "memory_kind",
+        "pipeline",
+        "family",
+        "weights",
+        "source",
+        "device",
+        "device_name",
+        "cpu_model",
+        "dtype",
+        "prompt",
+        "peak_source",
+        "memory_kind",
     ] {
         assert!(
             r[k].as_str().is_some_and(|s| !s.is_empty()),
@@ -84,7 +96,10 @@ fn check_report(r: &Value, rows: usize, steps: usize, model: &dyn Family) {
         );
         assert!(enc > 0.0 && step > 0.0 && dec > 0.0, "{row}");
         let total = f(row, "total_s");
-        assert!((total - (enc + steps as f64 * step + dec)).abs() < 1e-9, "{row}");
+        assert!(
+            (total - (enc + steps as f64 * step + dec)).abs() < 1e-9,
+            "{row}"
+        );
         assert!((f(row, "s_per_image") - total / b as f64).abs() < 1e-9);
         assert!((f(row, "images_per_min") * f(row, "s_per_image") - 60.0).abs() < 1e-6);
         // The tiny models take well under a GiB; the process holds at least their weights.
@@ -128,7 +143,10 @@ fn synthetic_tiny_z_image_reports_every_field() {
     ]);
     assert_eq!(r["weights"], "synthetic");
     assert_eq!(r["family"], "z-image");
-    assert!(r["source"].as_str().unwrap().contains("transformer/config.json"));
+    assert!(r["source"]
+        .as_str()
+        .unwrap()
+        .contains("its configuration and tokenizer"));
     // The synthetic model has the tiny model's configuration, so the same FLOPs.
     check_report(&r, 4, 2, load_real(&tiny).as_ref());
 }
@@ -138,7 +156,15 @@ fn real_tiny_weights_through_the_catalog() {
     let tiny = common::tiny_dir();
     let weights = format!("z-image-turbo={}", tiny.display());
     let r = bench(&[
-        "--model", "seedream-v4", "--weights", &weights, "--size", "64x64", "--steps", "2", "--runs",
+        "--model",
+        "seedream-v4",
+        "--weights",
+        &weights,
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--runs",
         "1",
     ]);
     assert_eq!(r["weights"], "weights");

@@ -6,9 +6,9 @@
 //! `DIFFUSIOND_TEST_DTYPE` choose where they run (see `common`).
 #![allow(clippy::unwrap_used)]
 
-mod common;
 #[path = "batching_invariance.rs"]
 mod batching_invariance;
+mod common;
 #[path = "flux2_batching.rs"]
 mod flux2_batching;
 #[path = "reference_parity.rs"]

@@ -18,7 +18,7 @@ mod flux2;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use diffusiond::pipeline::denoise::{self, DenoiseItem};
 use diffusiond::pipeline::family::LoadOptions;
 use diffusiond::pipeline::image::to_rgb8;
@@ -320,14 +320,14 @@ fn run_reference_dir(dir: &Path) {
             "  (sigmas={:.3e} vae_out={:.3e} max_u8_diff={} bytes={})",
             e.sigmas, e.vae, e.max_u8_diff, e.total_bytes
         );
-        let tol = common::tol;
-        let ok = e.embeds <= tol(TOL_EMBEDS, HALF_EMBEDS)
+        let ok = e.embeds <= common::tol(TOL_EMBEDS, HALF_EMBEDS)
             && e.sigmas <= TOL_SIGMAS
-            && e.step0 <= tol(TOL_STEP0, HALF_STEP0)
-            && e.latents <= tol(TOL_LATENTS, HALF_LATENTS)
-            && e.vae <= tol(TOL_VAE, HALF_VAE)
-            && e.max_u8_diff <= tol(1, HALF_MAX_U8_DIFF)
-            && (e.mismatch as f64) <= tol(MAX_U8_MISMATCH, HALF_U8_MISMATCH) * e.total_bytes as f64;
+            && e.step0 <= common::tol(TOL_STEP0, HALF_STEP0)
+            && e.latents <= common::tol(TOL_LATENTS, HALF_LATENTS)
+            && e.vae <= common::tol(TOL_VAE, HALF_VAE)
+            && e.max_u8_diff <= common::tol(1, HALF_MAX_U8_DIFF)
+            && (e.mismatch as f64)
+                <= common::tol(MAX_U8_MISMATCH, HALF_U8_MISMATCH) * e.total_bytes as f64;
         if !ok {
             failures.push(name.clone());
         }

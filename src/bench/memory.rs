@@ -99,17 +99,34 @@ pub fn cpu_model() -> String {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
         {
-            return name.1.trim().to_string();
+            // Some VMs name only the brand ("AMD EPYC"): add the family and model numbers,
+            // which tell the microarchitecture (25/17 is Zen 4).
+            let field = |key: &str| {
+                info.lines()
+                    .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            };
+            return match (field("cpu family"), field("model")) {
+                (Some(f), Some(m)) => format!("{} (family {f} model {m})", name.1.trim()),
+                _ => name.1.trim().to_string(),
+            };
         }
     }
-    command_line("sysctl", &["-n", "machdep.cpu.brand_string"]).unwrap_or_else(|| "unknown CPU".into())
+    command_line("sysctl", &["-n", "machdep.cpu.brand_string"])
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// A CUDA card's name from `nvidia-smi`.
 pub fn gpu_name(gpu: usize) -> Option<String> {
     command_line(
         "nvidia-smi",
-        &["--query-gpu=name", "--format=csv,noheader", "-i", &gpu.to_string()],
+        &[
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            "-i",
+            &gpu.to_string(),
+        ],
     )
 }
 
@@ -127,11 +144,16 @@ mod tests {
     fn peak_rss_covers_what_is_resident() {
         let big = vec![1u8; 64 << 20];
         std::hint::black_box(&big);
-        let (Some(peak), Some(now)) = (peak_rss(), status_kib("VmRSS:").map(|k| k * 1024)) else {
+        // Resident first: the peak read after it covers it (other tests allocate meanwhile).
+        let now = status_kib("VmRSS:").map(|k| k * 1024);
+        let (Some(now), Some(peak)) = (now, peak_rss()) else {
             eprintln!("SKIPPED peak_rss_covers_what_is_resident: needs /proc/self/status");
             assert!(!cfg!(target_os = "linux"), "Linux has /proc/self/status");
             return;
         };
-        assert!(now >= 64 << 20 && peak >= now, "peak {peak}, resident {now}");
+        assert!(
+            now >= 64 << 20 && peak >= now,
+            "peak {peak}, resident {now}"
+        );
     }
 }

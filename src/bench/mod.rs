@@ -81,7 +81,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let t = Instant::now();
     let (model, source, family): (Box<dyn Family>, String, String) = if synthetic {
-        let checkout = SyntheticCheckout::new(p.family.as_deref(), args.synthetic_config.as_deref())?;
+        let checkout =
+            SyntheticCheckout::new(p.family.as_deref(), args.synthetic_config.as_deref())?;
         let model = checkout
             .load(&opts)
             .with_context(|| format!("cannot make synthetic {}", checkout.origin))?;

@@ -61,13 +61,19 @@ mod tests {
             known_peak("NVIDIA H100 80GB HBM3", "bf16"),
             Some((989.4, "H100"))
         );
-        assert_eq!(known_peak("NVIDIA H100 PCIe", "f32"), Some((51.2, "H100 PCIe")));
+        assert_eq!(
+            known_peak("NVIDIA H100 PCIe", "f32"),
+            Some((51.2, "H100 PCIe"))
+        );
         assert_eq!(known_peak("NVIDIA H200", "bf16").map(|p| p.1), Some("H200"));
         assert_eq!(
             known_peak("NVIDIA GeForce RTX 3090 Ti", "f16").map(|p| p.1),
             Some("RTX 3090 Ti")
         );
-        assert_eq!(known_peak("Apple M2 Max", "f32").map(|p| p.1), Some("M2 Max"));
+        assert_eq!(
+            known_peak("Apple M2 Max", "f32").map(|p| p.1),
+            Some("M2 Max")
+        );
         assert_eq!(known_peak("Apple M2", "f32").map(|p| p.1), Some("M2"));
         assert_eq!(known_peak("AMD EPYC 9R14 96-Core Processor", "f32"), None);
     }

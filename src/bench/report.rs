@@ -107,21 +107,26 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64))
+    bytes.map_or("-".into(), |b| {
+        format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    })
 }
 
 /// The human table.
 pub fn table(r: &Report) -> String {
     let mut out = format!(
-        "{} ({}, {} weights: {})\n{} on {} ({}), {}, {} steps{}, flash-attn {}, median of {} runs after {} warm-up\n\
-         peak {:.1} TFLOP/s ({}); load {:.1} s, weights {}\n\n",
+        "{} ({}, {} weights: {})\n{} ({}), {}, {} steps{}, flash-attn {}, median of {} runs after {} warm-up\n\
+         peak {:.3} TFLOP/s ({}); load {:.1} s, weights {}\n\n",
         r.pipeline,
         r.family,
         r.weights,
         r.source,
         r.device,
-        r.device_name,
-        r.cpu_model,
+        if r.device_name == r.cpu_model {
+            r.cpu_model.clone()
+        } else {
+            format!("{}, host CPU {}", r.device_name, r.cpu_model)
+        },
         r.dtype,
         r.steps,
         if r.cfg { " with CFG" } else { "" },
@@ -134,8 +139,17 @@ pub fn table(r: &Report) -> String {
         mib(Some(r.weight_bytes)),
     );
     let header = [
-        "size", "batch", "encode s", "step s", "VAE s", "s/image", "images/min", "peak mem",
-        "TFLOP/s", "% peak", "step TFLOP/s",
+        "size",
+        "batch",
+        "encode s",
+        "step s",
+        "VAE s",
+        "s/image",
+        "images/min",
+        "peak mem",
+        "TFLOP/s",
+        "% peak",
+        "step TFLOP/s",
     ];
     let rows: Vec<[String; 11]> = r
         .rows

@@ -283,7 +283,10 @@ mod tests {
         assert_eq!(w.decode_per_image, vae_flops as f64);
         assert_eq!(w.decode_per_image, 393_936_896.0);
         assert_eq!((w.text_tokens, w.sequence), (20, 64));
-        assert_eq!(w.total(2, 3), w.text_encode + 2.0 * (3.0 * step as f64 + vae_flops as f64));
+        assert_eq!(
+            w.total(2, 3),
+            w.text_encode + 2.0 * (3.0 * step as f64 + vae_flops as f64)
+        );
     }
 
     /// FLUX.2's tiny model (`../shared/reference-flux2/tiny`): D 64, F 192, 2 double + 2 single

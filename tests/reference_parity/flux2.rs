@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use diffusiond::pipeline::family::{Family, LoadOptions, ModelInput};
 use diffusiond::pipeline::flux2::{latent, rope};
 use diffusiond::pipeline::image::to_rgb8;
@@ -456,18 +456,18 @@ pub fn run_reference_dir(dir: &Path) {
             e.max_u8_diff,
             e.total_bytes
         );
-        let tol = super::common::tol;
-        let ok = e.embeds <= tol(TOL_EMBEDS, HALF_EMBEDS)
-            && e.rope <= tol(TOL_ROPE, HALF_ROPE)
+        let ok = e.embeds <= super::common::tol(TOL_EMBEDS, HALF_EMBEDS)
+            && e.rope <= super::common::tol(TOL_ROPE, HALF_ROPE)
             && e.sigmas <= TOL_SIGMAS
-            && e.step0 <= tol(TOL_STEP0, HALF_STEP0)
-            && e.step0_alone <= tol(TOL_STEP0_ALONE, HALF_STEP0)
-            && e.latents <= tol(TOL_LATENTS, HALF_LATENTS)
-            && e.vae_in <= tol(TOL_VAE_IN, HALF_VAE_IN)
-            && e.vae <= tol(TOL_VAE, HALF_VAE)
-            && e.vae_alone <= tol(TOL_VAE_ALONE, HALF_VAE)
-            && e.max_u8_diff <= tol(1, HALF_MAX_U8_DIFF)
-            && (e.mismatch as f64) <= tol(MAX_U8_MISMATCH, HALF_U8_MISMATCH) * e.total_bytes as f64;
+            && e.step0 <= super::common::tol(TOL_STEP0, HALF_STEP0)
+            && e.step0_alone <= super::common::tol(TOL_STEP0_ALONE, HALF_STEP0)
+            && e.latents <= super::common::tol(TOL_LATENTS, HALF_LATENTS)
+            && e.vae_in <= super::common::tol(TOL_VAE_IN, HALF_VAE_IN)
+            && e.vae <= super::common::tol(TOL_VAE, HALF_VAE)
+            && e.vae_alone <= super::common::tol(TOL_VAE_ALONE, HALF_VAE)
+            && e.max_u8_diff <= super::common::tol(1, HALF_MAX_U8_DIFF)
+            && (e.mismatch as f64)
+                <= super::common::tol(MAX_U8_MISMATCH, HALF_U8_MISMATCH) * e.total_bytes as f64;
         if !ok {
             failures.push(name.clone());
         }

@@ -74,12 +74,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> 
 
 /// [`attention`] without the flash-attention kernels: the CPU op, or candle's ops elsewhere
 /// (what flash attention is checked against).
-pub fn without_flash(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    lens: Option<&[usize]>,
-) -> Result<Tensor> {
+pub fn without_flash(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = cpu::CpuAttention {

@@ -96,7 +96,12 @@ impl SimpleBackend for Backend {
         random(&s, name, dtype, dev)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         Err(candle_core::Error::Msg(format!(
             "synthetic weights: {}.{name} was asked for without a shape",
             self.component
@@ -174,7 +179,9 @@ impl SyntheticCheckout {
             }
         };
         let base = published::files(family).ok_or_else(|| {
-            load_err(format!("no published configuration of family {family} is embedded"))
+            load_err(format!(
+                "no published configuration of family {family} is embedded"
+            ))
         })?;
         let dir = tempfile::Builder::new()
             .prefix("diffusiond-synthetic-")
@@ -212,11 +219,13 @@ impl SyntheticCheckout {
             write(rel, &text)?;
         }
         let origin = match overlay {
+            Some(d) if from_overlay.len() == base.len() + 1 => {
+                format!("{} (its configuration and tokenizer)", d.display())
+            }
             Some(d) if !from_overlay.is_empty() => format!(
-                "{} ({} from {}; the rest {}'s published configuration)",
+                "{} ({}; the rest from {}'s published configuration)",
                 d.display(),
                 from_overlay.join(", "),
-                d.display(),
                 published::checkpoint(family)
             ),
             Some(d) => {
@@ -225,7 +234,10 @@ impl SyntheticCheckout {
                     d.display()
                 )))
             }
-            None => format!("{} (published configuration)", published::checkpoint(family)),
+            None => format!(
+                "{} (published configuration)",
+                published::checkpoint(family)
+            ),
         };
         Ok(Self {
             dir,
@@ -273,7 +285,11 @@ mod tests {
         let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let var = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
         // 1/sqrt(1024) standard deviation: variance 1/1024, within sampling noise.
-        assert!((var * 1024.0 - 1.0).abs() < 0.05, "variance x fan_in = {}", var * 1024.0);
+        assert!(
+            (var * 1024.0 - 1.0).abs() < 0.05,
+            "variance x fan_in = {}",
+            var * 1024.0
+        );
         Ok(())
     }
 
@@ -296,7 +312,10 @@ mod tests {
         let (_f, files) = open("flux2-klein")?;
         let tr: flux2::config::TransformerConfig = files.json("transformer/config.json")?;
         tr.check()?;
-        assert_eq!((tr.dim(), tr.ff_hidden(), tr.joint_attention_dim), (3072, 9216, 3 * 2560));
+        assert_eq!(
+            (tr.dim(), tr.ff_hidden(), tr.joint_attention_dim),
+            (3072, 9216, 3 * 2560)
+        );
         Ok(())
     }
 
@@ -309,7 +328,11 @@ mod tests {
         std::fs::write(over.path().join("text_encoder/config.json"), te)
             .map_err(|e| load_err(e.to_string()))?;
         let c = SyntheticCheckout::new(Some("z-image"), Some(over.path()))?;
-        assert!(c.origin.contains("text_encoder/config.json"), "{}", c.origin);
+        assert!(
+            c.origin.contains("text_encoder/config.json"),
+            "{}",
+            c.origin
+        );
         let files = ModelFiles::open(&super::super::WeightSource::Local(c.dir()))?;
         let cfg: super::super::qwen3::Config = files.json("text_encoder/config.json")?;
         assert_eq!((cfg.hidden_size, cfg.vocab_size), (64, QWEN_VOCAB as usize));
