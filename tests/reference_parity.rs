@@ -36,13 +36,20 @@ const TOL_VAE: f32 = 5e-5;
 /// At most this fraction of image bytes may differ, and only by one.
 const MAX_U8_MISMATCH: f64 = 0.001;
 
-// In bf16 (`DIFFUSIOND_TEST_DTYPE=bf16`, run by scripts/gpu-check). HALF_PLACEHOLDER
-const HALF_EMBEDS: f32 = 0.0;
-const HALF_STEP0: f32 = 0.0;
-const HALF_LATENTS: f32 = 0.0;
-const HALF_VAE: f32 = 0.0;
-const HALF_MAX_U8_DIFF: u8 = 0;
-const HALF_U8_MISMATCH: f64 = 0.0;
+// In bf16 (`DIFFUSIOND_TEST_DTYPE=bf16`, run by scripts/gpu-check on a GPU). bf16 keeps 8
+// bits of mantissa (one rounding: 2^-9 relative) and every layer rounds its output, so errors
+// grow with depth. Measured on the CPU's bf16 path (candle ops; 2026-12-02, AMD EPYC Zen 4), all
+// public + alt cases: embeds <= 0.089, step0 <= 0.063, latents <= 0.023 (0.122 with CFG, whose
+// g (pos - neg) amplifies the difference); limits ~2x that. The VAE could not run there (candle's
+// CPU matmul has no bf16), so its limits are derived: latent errors of ~0.05 through a decoder of
+// gain ~2 give ~0.1 on outputs in [-1, 1], 0.25 is that with headroom, i.e. up to 32 of 255 in
+// the image bytes, any number of which may differ. The GPU report prints every measured error.
+const HALF_EMBEDS: f32 = 0.2;
+const HALF_STEP0: f32 = 0.15;
+const HALF_LATENTS: f32 = 0.25;
+const HALF_VAE: f32 = 0.25;
+const HALF_MAX_U8_DIFF: u8 = 32;
+const HALF_U8_MISMATCH: f64 = 1.0;
 
 struct Case {
     name: String,

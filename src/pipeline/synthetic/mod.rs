@@ -339,6 +339,33 @@ mod tests {
         Ok(())
     }
 
+    /// The README's table of the real configurations' FLOPs at 1024x1024 with a 40-token
+    /// prompt: Z-Image's text encoder runs 35 layers, FLUX.2's 27 over 512 padded rows.
+    #[test]
+    fn published_flops_are_the_readme_s() -> Result<()> {
+        use super::super::{flops, flux2, qwen3, vae, z_image, WeightSource};
+        let near = |got: f64, want: f64| (got / want - 1.0).abs() < 0.005;
+        let c = SyntheticCheckout::new(Some("z-image"), None)?;
+        let files = ModelFiles::open(&WeightSource::Local(c.dir()))?;
+        let tr: z_image::config::TransformerConfig = files.json("transformer/config.json")?;
+        let te: qwen3::Config = files.json("text_encoder/config.json")?;
+        let vae: vae::VaeConfig = files.json("vae/config.json")?;
+        let w = flops::z_image(&tr, &te, 35, &vae, 40, 1024, 1024);
+        assert!(near(w.text_encode, 0.33e12), "{w:?}");
+        assert!(near(w.step_per_image, 55.56e12), "{w:?}");
+        assert!(near(w.decode_per_image, 10.47e12), "{w:?}");
+        assert!(near(w.total(1, 8), 455.3e12) && w.sequence == 4160, "{w:?}");
+        let c = SyntheticCheckout::new(Some("flux2-klein"), None)?;
+        let files = ModelFiles::open(&WeightSource::Local(c.dir()))?;
+        let tr: flux2::config::TransformerConfig = files.json("transformer/config.json")?;
+        let vae: vae::VaeConfig = files.json("vae/config.json")?;
+        let w = flops::flux2(&tr, &te, 27, &vae, 512, 1024, 1024);
+        assert!(near(w.text_encode, 2.93e12), "{w:?}");
+        assert!(near(w.step_per_image, 34.79e12), "{w:?}");
+        assert!(near(w.total(1, 4), 152.6e12) && w.sequence == 4608, "{w:?}");
+        Ok(())
+    }
+
     const QWEN3_TEST: &str = r#"{"vocab_size": 1, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 24, "rms_norm_eps": 1e-06, "rope_theta": 1000000}"#;
