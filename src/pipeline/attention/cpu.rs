@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::pipeline::kernels::f32_slice;
+
 /// Queries per task.
 const BLOCK: usize = 64;
 
@@ -115,16 +117,6 @@ impl pulp::WithSimd for SoftmaxRows<'_> {
 
 fn softmax_rows(scores: &mut [f32], cols: usize) {
     pulp::Arch::new().dispatch(SoftmaxRows { scores, cols });
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("cpu attention wants f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("cpu attention wants contiguous inputs");
-    };
-    Ok(&v[a..b])
 }
 
 impl CpuAttention {

@@ -46,6 +46,20 @@ mod tests;
 
 pub use ops::PackedDense;
 
+/// The f32 values of a contiguous CPU tensor's storage (what every CPU kernel reads).
+pub(crate) fn f32_slice<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = storage else {
+        candle_core::bail!("CPU kernels: expected f32 storage")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("CPU kernels: expected a contiguous tensor")
+    };
+    Ok(&v[start..end])
+}
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 

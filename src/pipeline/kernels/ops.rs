@@ -17,18 +17,10 @@ use super::avx512::dense::Panels;
 use super::{avx2, avx512};
 use rayon::prelude::*;
 
+use super::f32_slice;
+
 fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = storage else {
-        bail!("fast kernels: expected f32 storage")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("fast kernels: expected a contiguous tensor")
-    };
-    Ok(&v[start..end])
 }
 
 /// A convolution's weights, transformed and packed for the CPU kernels.
