@@ -13,13 +13,13 @@ use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs};
 use crate::http::{self, AppState, PublicUrl};
 use crate::infer::{AuthPolicy, Facade, Generator};
 use crate::scheduler::{
-    self, Job, PipelineConfig, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
+    self, Job, PipelineConfig, ProgressTx, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
 };
 use crate::store::FileStore;
 
 impl Generator for SchedulerHandle {
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
-        SchedulerHandle::submit(self, job)
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
+        SchedulerHandle::submit_with_progress(self, job, progress)
     }
     fn loaded_pipelines(&self) -> Vec<String> {
         SchedulerHandle::loaded_pipelines(self)
@@ -117,7 +117,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::Open => AuthPolicy::Open,
         AuthMode::Keys => AuthPolicy::Keys(accounts.clone()),
     };
-    let facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()));
+    let mut facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()));
+    if args.no_metadata {
+        facade = facade.without_metadata();
+    }
     let state = AppState::new(
         Arc::new(facade),
         PublicUrl::new(args.public_url.as_deref(), bound),

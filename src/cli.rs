@@ -125,6 +125,11 @@ pub struct ServeArgs {
     /// (their credits are refunded).
     #[arg(long, env = "DIFFUSIOND_SHUTDOWN_TIMEOUT", default_value_t = 120)]
     pub shutdown_timeout: u64,
+    /// Do not write the generation parameters (prompt, model, seed, steps, ...) and the
+    /// "made by a trained model" marker into image files. By default they travel with every image
+    /// (PNG text chunks, XMP in JPEG and WebP), so anyone holding the file can read the prompt.
+    #[arg(long, env = "DIFFUSIOND_NO_METADATA")]
+    pub no_metadata: bool,
 }
 
 #[derive(Debug, Clone, Args)]

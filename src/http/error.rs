@@ -28,10 +28,44 @@ pub enum ApiError {
 /// The error part of a response, for the middleware to render (and log, when `detail` is set).
 #[derive(Debug, Clone)]
 pub struct ErrorPayload {
+    pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, where one is (OpenAI's `param`).
+    pub param: Option<&'static str>,
     /// What went wrong inside, for the log only (5xx).
     pub detail: Option<String>,
+}
+
+impl ErrorPayload {
+    /// The contract's error body.
+    pub fn hosted_body(&self, request_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "success": false,
+            "error": { "code": self.code, "message": self.message },
+            "request_id": request_id,
+        })
+    }
+
+    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn openai_body(&self) -> serde_json::Value {
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
 }
 
 impl ApiError {
@@ -88,26 +122,51 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code, retry_after) = self.status_code();
-        let (message, detail) = match &self {
+impl ApiError {
+    /// The field a validation error is about (named as on the OpenAI route).
+    fn param(&self) -> Option<&'static str> {
+        use ValidationError as V;
+        match self {
+            ApiError::Infer(InferError::Invalid(v)) => match v {
+                V::MissingPrompt | V::PromptTooLong(_) => Some("prompt"),
+                V::InvalidModel(_) => Some("model"),
+                V::InvalidDimensions(_) => Some("size"),
+                V::InvalidNumImages(_) => Some("n"),
+                V::InvalidParameter(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Status, code, message (generic for internal errors) and log detail.
+    pub fn payload(&self) -> ErrorPayload {
+        let (status, code, _) = self.status_code();
+        let (message, detail) = match self {
             // 5xx bodies stay generic; the detail goes to the log.
             ApiError::Infer(InferError::Internal(detail)) => {
                 ("internal error".to_string(), Some(detail.clone()))
             }
             other => (other.to_string(), None),
         };
+        ErrorPayload {
+            status,
+            code,
+            message,
+            param: self.param(),
+            detail,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, retry_after) = self.status_code();
         let mut res = status.into_response();
         if let Some(secs) = retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        res.extensions_mut().insert(ErrorPayload {
-            code,
-            message,
-            detail,
-        });
+        res.extensions_mut().insert(self.payload());
         res
     }
 }

@@ -3,12 +3,11 @@
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::dto;
 use super::error::ApiError;
 use super::AppState;
-use crate::infer::{Caller, RawRequest};
+use crate::infer::Caller;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -32,11 +31,11 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
-/// A generation request body: at most 64 KiB of JSON holding an object. The Content-Type is not
-/// checked (`curl -d` sends a form type), only the bytes.
-pub struct GenerateBody(pub RawRequest);
+/// A request body that is a JSON object of at most 64 KiB, rejected with the contract's errors.
+/// The Content-Type is not checked (`curl -d` sends a form type), only the bytes.
+pub struct JsonObject(pub Map<String, Value>);
 
-impl<S: Send + Sync> FromRequest<S> for GenerateBody {
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
@@ -52,6 +51,6 @@ impl<S: Send + Sync> FromRequest<S> for GenerateBody {
                 "the body must be a JSON object".into(),
             ));
         };
-        Ok(GenerateBody(dto::raw_request(obj)?))
+        Ok(JsonObject(obj))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::Generator;
-use crate::scheduler::{CancelFlag, Image, Job, JobError, SubmitError, Ticket};
+use crate::scheduler::{CancelFlag, Image, Job, JobError, Progress, ProgressTx, SubmitError, Ticket};
 
 type Reply = oneshot::Sender<Result<Vec<Image>, JobError>>;
 
@@ -38,7 +38,7 @@ impl Fake {
 }
 
 impl Generator for Fake {
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
         if mode == Mode::QueueFull {
             return Err(SubmitError::QueueFull);
@@ -48,6 +48,15 @@ impl Generator for Fake {
         self.flags.lock().unwrap().push(flag.clone());
         match mode {
             Mode::Succeed => {
+                // What the scheduler sends, without a model: queued, started, one event per step.
+                if let Some(p) = &progress {
+                    p.send(Progress::Queued { position: 1 });
+                    p.send(Progress::Started);
+                    let total = job.steps as usize;
+                    for done in 1..=total {
+                        p.send(Progress::Step { done, total });
+                    }
+                }
                 let images = job
                     .seeds
                     .iter()

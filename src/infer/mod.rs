@@ -12,8 +12,8 @@ use chrono::Utc;
 
 use crate::accounts::{Account, Accounts, Reservation};
 use crate::catalog::Catalog;
-use crate::scheduler::{Job, JobError, SubmitError, Ticket};
-use crate::store::{FileStore, StoredFile};
+use crate::scheduler::{Job, JobError, ProgressTx, SubmitError, Ticket};
+use crate::store::{FileStore, Provenance, StoredFile};
 
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
@@ -25,8 +25,9 @@ const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// What runs jobs on the device: the scheduler, or a fake in tests.
 pub trait Generator: Send + Sync {
-    /// Queue a job; never blocks (a full queue answers [`SubmitError::QueueFull`] at once).
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError>;
+    /// Queue a job, with live progress sent to `progress`; never blocks (a full queue answers
+    /// [`SubmitError::QueueFull`] at once).
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError>;
     /// Names of the pipelines whose weights are loaded.
     fn loaded_pipelines(&self) -> Vec<String>;
     /// Prometheus text lines of the generator's own metrics.
@@ -72,7 +73,9 @@ pub struct Facade {
     auth: AuthPolicy,
     store: FileStore,
     generator: Arc<dyn Generator>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// Write generation parameters into image files.
+    metadata: bool,
 }
 
 impl Facade {
@@ -87,8 +90,15 @@ impl Facade {
             auth,
             store,
             generator,
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
+            metadata: true,
         }
+    }
+
+    /// Store images without generation parameters in them (`--no-metadata`).
+    pub fn without_metadata(mut self) -> Self {
+        self.metadata = false;
+        self
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -127,6 +137,20 @@ impl Facade {
         id: &RequestId,
         raw: RawRequest,
     ) -> Result<Generated, InferError> {
+        self.start(caller, id, raw, None).await?.finish().await
+    }
+
+    /// The first half of [`Self::generate`]: validate, charge (reserve) and queue the request,
+    /// with live progress sent to `progress`. Every refusal (bad field, key, quota, credits, full
+    /// queue) comes from here, before anything is streamed. Dropping the [`Running`] cancels the
+    /// job and refunds it.
+    pub async fn start(
+        &self,
+        caller: &Caller,
+        id: &RequestId,
+        raw: RawRequest,
+        progress: Option<ProgressTx>,
+    ) -> Result<Running, InferError> {
         let valid = validate(&self.catalog, raw)?;
         let reservation = match (caller, &self.auth) {
             (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
@@ -138,33 +162,35 @@ impl Facade {
             _ => None,
         };
         let started = Instant::now();
-        let result = self.run(id, &valid).await;
-        match (&result, reservation) {
-            (Ok(_), Some(r)) => r.settle().await,
-            (Err(_), Some(r)) => r.refund().await,
-            (_, None) => {}
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        match &result {
-            Ok(g) => {
-                tracing::info!(request_id = %id, model = %valid.model, images = g.images.len(),
-                    width = g.width, height = g.height, credits = g.credits_used, seconds, "generated");
-                self.metrics
-                    .success(g.images.len(), g.credits_used, started.elapsed());
-            }
-            Err(e @ InferError::Busy { .. }) => tracing::warn!(request_id = %id, "refused: {e}"),
+        let ticket = match self.submit(&valid, progress) {
+            Ok(t) => t,
             Err(e) => {
-                tracing::warn!(request_id = %id, model = %valid.model, seconds, "failed: {e}");
-                self.metrics.failure();
+                tracing::warn!(request_id = %id, "refused: {e}");
+                if let Some(r) = reservation {
+                    r.refund().await;
+                }
+                return Err(e);
             }
-        }
-        result
+        };
+        Ok(Running {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            metadata: self.metadata,
+            id: id.clone(),
+            valid,
+            reservation,
+            ticket,
+            started,
+        })
     }
 
-    async fn run(&self, id: &RequestId, valid: &ValidRequest) -> Result<Generated, InferError> {
-        let ticket = self
-            .generator
-            .submit(valid.job.clone())
+    fn submit(
+        &self,
+        valid: &ValidRequest,
+        progress: Option<ProgressTx>,
+    ) -> Result<Ticket, InferError> {
+        self.generator
+            .submit(valid.job.clone(), progress)
             .map_err(|e| match e {
                 SubmitError::QueueFull => InferError::Busy {
                     message: "the generation queue is full; retry shortly",
@@ -177,53 +203,19 @@ impl Facade {
                 SubmitError::UnknownPipeline(p) => {
                     InferError::Internal(format!("pipeline '{p}' is not loaded"))
                 }
-            })?;
-        let images = ticket.wait().await.map_err(|e| match e {
-            JobError::ShuttingDown => InferError::Busy {
-                message: "the server is shutting down",
-                retry_after_secs: BUSY_RETRY_AFTER_SECS,
-            },
-            JobError::Failed(why) => {
-                tracing::error!(request_id = %id, "generation failed: {why}");
-                InferError::GenerationFailed
-            }
-            JobError::Cancelled => {
-                tracing::warn!(request_id = %id, "generation cancelled");
-                InferError::GenerationFailed
-            }
-        })?;
-        let (job, format) = (&valid.job, valid.format);
-        if images.len() != job.seeds.len()
-            || images
-                .iter()
-                .any(|i| (i.width, i.height) != (job.width, job.height))
-        {
-            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
-            return Err(InferError::GenerationFailed);
-        }
-        let store = self.store.clone();
-        let owned_id = id.clone();
-        let names = tokio::task::spawn_blocking(move || store.save(&owned_id, &images, format))
-            .await
-            .map_err(|e| InferError::Internal(format!("store task: {e}")))?
-            .map_err(|e| {
-                tracing::error!(request_id = %id, "storing images failed: {e}");
-                InferError::GenerationFailed
-            })?;
-        Ok(Generated {
-            request_id: id.clone(),
-            images: names
-                .into_iter()
-                .zip(&job.seeds)
-                .map(|(file_name, seed)| GeneratedImage {
-                    file_name,
-                    seed: *seed,
-                })
-                .collect(),
-            credits_used: valid.credits,
-            width: job.width,
-            height: job.height,
-        })
+            })
+    }
+
+    /// The caller's key: (balance, daily quota, used today); `None` in open mode.
+    pub async fn balance(
+        &self,
+        caller: &Caller,
+    ) -> Result<Option<(i64, Option<i64>, i64)>, InferError> {
+        let (Caller::Key(account), AuthPolicy::Keys(accounts)) = (caller, &self.auth) else {
+            return Ok(None);
+        };
+        let info = accounts.key_info(&account.id).await?;
+        Ok(Some((info.balance, info.daily_quota, info.used_today)))
     }
 
     /// A stored image, by the request ID and file name of its URL.
@@ -240,6 +232,142 @@ impl Facade {
         self.metrics.render(&mut out);
         out
     }
+}
+
+/// A request accepted into the queue. [`Running::finish`] waits for it; dropping it (a client
+/// that went away) cancels the job and refunds the reservation.
+pub struct Running {
+    store: FileStore,
+    metrics: Arc<Metrics>,
+    metadata: bool,
+    id: RequestId,
+    valid: ValidRequest,
+    reservation: Option<RefundOnDrop>,
+    ticket: Ticket,
+    started: Instant,
+}
+
+impl Running {
+    /// The validated request (model, size, seeds, format).
+    pub fn request(&self) -> &ValidRequest {
+        &self.valid
+    }
+
+    /// Wait for the images, store them, and settle (or refund) the charge.
+    pub async fn finish(self) -> Result<Generated, InferError> {
+        let Running {
+            store,
+            metrics,
+            metadata,
+            id,
+            valid,
+            reservation,
+            ticket,
+            started,
+        } = self;
+        let result = Self::wait_and_store(store, metadata, &id, &valid, ticket).await;
+        match (&result, reservation) {
+            (Ok(_), Some(r)) => r.settle().await,
+            (Err(_), Some(r)) => r.refund().await,
+            (_, None) => {}
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(g) => {
+                tracing::info!(request_id = %id, model = %valid.model, images = g.images.len(),
+                    width = g.width, height = g.height, credits = g.credits_used, seconds, "generated");
+                metrics.success(g.images.len(), g.credits_used, started.elapsed());
+            }
+            Err(e @ InferError::Busy { .. }) => tracing::warn!(request_id = %id, "refused: {e}"),
+            Err(e) => {
+                tracing::warn!(request_id = %id, model = %valid.model, seconds, "failed: {e}");
+                metrics.failure();
+            }
+        }
+        result
+    }
+
+    async fn wait_and_store(
+        store: FileStore,
+        metadata: bool,
+        id: &RequestId,
+        valid: &ValidRequest,
+        ticket: Ticket,
+    ) -> Result<Generated, InferError> {
+        let images = ticket.wait().await.map_err(|e| match e {
+            JobError::ShuttingDown => InferError::Busy {
+                message: "the server is shutting down",
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            },
+            JobError::Failed(why) => {
+                tracing::error!(request_id = %id, "generation failed: {why}");
+                InferError::GenerationFailed
+            }
+            JobError::Cancelled => {
+                tracing::warn!(request_id = %id, "generation cancelled");
+                InferError::GenerationFailed
+            }
+        })?;
+        let job = &valid.job;
+        if images.len() != job.seeds.len()
+            || images
+                .iter()
+                .any(|i| (i.width, i.height) != (job.width, job.height))
+        {
+            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
+            return Err(InferError::GenerationFailed);
+        }
+        let owned_id = id.clone();
+        let encoding = valid.encoding;
+        let provenance = metadata.then(|| provenance(valid));
+        let names = tokio::task::spawn_blocking(move || {
+            store.save(&owned_id, &images, encoding, provenance.as_deref())
+        })
+        .await
+        .map_err(|e| InferError::Internal(format!("store task: {e}")))?
+        .map_err(|e| {
+            tracing::error!(request_id = %id, "storing images failed: {e}");
+            InferError::GenerationFailed
+        })?;
+        Ok(Generated {
+            request_id: id.clone(),
+            images: names
+                .into_iter()
+                .zip(&job.seeds)
+                .map(|(file_name, seed)| GeneratedImage {
+                    file_name,
+                    seed: *seed,
+                })
+                .collect(),
+            credits_used: valid.credits,
+            width: job.width,
+            height: job.height,
+        })
+    }
+}
+
+/// What is written into each image of a request (one entry per image).
+fn provenance(valid: &ValidRequest) -> Vec<Provenance> {
+    let job = &valid.job;
+    job.seeds
+        .iter()
+        .map(|&seed| Provenance {
+            prompt: job.prompt.clone(),
+            negative_prompt: if job.guidance_scale > 0.0 {
+                job.negative_prompt.clone()
+            } else {
+                String::new()
+            },
+            model: valid.model.clone(),
+            pipeline: job.pipeline.clone(),
+            seed,
+            steps: job.steps,
+            guidance_scale: job.guidance_scale,
+            width: job.width,
+            height: job.height,
+            software: Provenance::software_name(),
+        })
+        .collect()
 }
 
 /// A reservation that is refunded if the request's future is dropped (client went away) before

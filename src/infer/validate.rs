@@ -3,7 +3,7 @@
 
 use crate::catalog::{Catalog, Model, Pricing, GUIDANCE_RANGE, STEPS_RANGE};
 use crate::scheduler::Job;
-use crate::store::ImageFormat;
+use crate::store::{Encoding, ImageFormat};
 
 use super::error::ValidationError;
 
@@ -28,6 +28,8 @@ pub struct RawRequest {
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
     pub output_format: Option<String>,
+    /// JPEG quality 0-100 (OpenAI's `output_compression`; the hosted route has no such field).
+    pub output_compression: Option<i128>,
 }
 
 /// A request that passed every check, ready to charge and run.
@@ -37,7 +39,7 @@ pub struct ValidRequest {
     pub model: String,
     /// What the scheduler runs; `job.seeds` has one seed per image.
     pub job: Job,
-    pub format: ImageFormat,
+    pub encoding: Encoding,
     /// price per image x number of images.
     pub credits: i64,
 }
@@ -116,6 +118,17 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         }
     };
 
+    let quality = match raw.output_compression {
+        None => None,
+        Some(c) => Some(
+            u8::try_from(c)
+                .ok()
+                .filter(|c| *c <= 100)
+                .ok_or_else(|| param(format!("output_compression is {c}; it must be 0 to 100")))?
+                .max(1),
+        ),
+    };
+
     Ok(ValidRequest {
         model: model.id.clone(),
         job: Job {
@@ -130,7 +143,7 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
             steps,
             guidance_scale,
         },
-        format,
+        encoding: Encoding { format, quality },
         credits: tier.price.saturating_mul(i64::from(n)),
     })
 }
@@ -236,7 +249,7 @@ mod tests {
         assert_eq!(v.job.guidance_scale, 0.0);
         assert_eq!(v.job.pipeline, "z-image-turbo");
         assert_eq!(v.job.negative_prompt, "");
-        assert_eq!(v.format, ImageFormat::Jpeg);
+        assert_eq!(v.encoding.format, ImageFormat::Jpeg);
     }
 
     #[test]
@@ -450,6 +463,6 @@ mod tests {
             (3, 4.0, 7)
         );
         assert_eq!(v.job.negative_prompt, "blurry");
-        assert_eq!(v.format, ImageFormat::Webp);
+        assert_eq!(v.encoding.format, ImageFormat::Webp);
     }
 }

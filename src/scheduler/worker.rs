@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::progress::{Progress, ProgressTx};
 use super::queue::Batchable;
 use super::{CancelFlag, Image, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
@@ -25,6 +26,8 @@ pub(crate) struct Pending {
     pub cancel: CancelFlag,
     pub submitted: Instant,
     pub span: tracing::Span,
+    /// Where live progress goes (SSE requests); `None` for plain requests.
+    pub progress: Option<ProgressTx>,
 }
 
 /// Jobs batch together when they share pipeline, size and CFG on/off.
@@ -210,7 +213,12 @@ impl Worker {
             }))
         });
         match made {
-            Ok(Ok(items)) => Some(Active { pending: p, items }),
+            Ok(Ok(items)) => {
+                if let Some(tx) = &p.progress {
+                    tx.send(Progress::Started);
+                }
+                Some(Active { pending: p, items })
+            }
             Ok(Err(e)) => {
                 self.fail(p, e.to_string());
                 None
@@ -272,12 +280,28 @@ impl Worker {
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
         let why = match result {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                self.report_steps(batch);
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(panic) => panic_message(panic),
         };
         for a in batch.drain(..) {
             self.fail(a.pending, why.clone());
+        }
+    }
+
+    /// Tell the jobs that want progress how far they are.
+    fn report_steps(&self, batch: &[Active]) {
+        for a in batch {
+            let (Some(tx), Some(first)) = (&a.pending.progress, a.items.first()) else {
+                continue;
+            };
+            tx.send(Progress::Step {
+                done: first.steps_done(),
+                total: first.steps_total(),
+            });
         }
     }
 
