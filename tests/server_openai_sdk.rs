@@ -26,7 +26,9 @@ fn the_official_openai_sdk_works_against_the_server() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = Command::new(root.join("scripts/openai-venv")).output();
     let python = match venv {
-        Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        Ok(out) if out.status.success() => {
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        }
         Ok(out) => return unavailable(&String::from_utf8_lossy(&out.stderr)),
         Err(e) => return unavailable(&format!("scripts/openai-venv: {e}")),
     };

@@ -23,7 +23,9 @@ fn stream(
     let mut s = TcpStream::connect(server.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let body = body.to_string();
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "POST /v1/generate HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -34,12 +36,19 @@ fn stream(
     let mut reader = BufReader::new(s);
     let mut status_line = String::new();
     reader.read_line(&mut status_line).unwrap();
-    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let mut chunked = false;
     loop {
         let mut h = String::new();
         reader.read_line(&mut h).unwrap();
-        if h.to_ascii_lowercase().starts_with("transfer-encoding: chunked") {
+        if h.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+        {
             chunked = true;
         }
         if h == "\r\n" {
@@ -84,7 +93,15 @@ fn event_stream_reports_progress_and_ends_with_the_plain_body() {
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["queued", "started", "step", "step", "step", "step", "completed"],
+        [
+            "queued",
+            "started",
+            "step",
+            "step",
+            "step",
+            "step",
+            "completed"
+        ],
         "{events:?}"
     );
     assert_eq!(events[0].1["position"], 1);
@@ -140,7 +157,10 @@ fn a_client_that_disconnects_mid_stream_is_cancelled_and_refunded() {
     }
     // The server goes on serving.
     let v = server
-        .post(&json!({"prompt": "x", "model": "flux-2-pro", "steps": 1}).to_string(), Some(&key))
+        .post(
+            &json!({"prompt": "x", "model": "flux-2-pro", "steps": 1}).to_string(),
+            Some(&key),
+        )
         .success();
     assert_eq!(v["credits_used"], 250);
     assert_eq!(ws.balance_and_used(&key).0, 10_000 - 250);
@@ -169,8 +189,14 @@ fn images_carry_their_generation_parameters_unless_turned_off() {
                 let texts = metadata::png_texts(&bytes).unwrap();
                 let params = &texts.iter().find(|(k, _)| k == "parameters").unwrap().1;
                 assert!(params.starts_with(prompt), "{params}");
-                assert!(params.contains("Seed: 77") && params.contains("Steps: 3"), "{params}");
-                texts.into_iter().find(|(k, _)| k == "XML:com.adobe.xmp").map(|(_, t)| t)
+                assert!(
+                    params.contains("Seed: 77") && params.contains("Steps: 3"),
+                    "{params}"
+                );
+                texts
+                    .into_iter()
+                    .find(|(k, _)| k == "XML:com.adobe.xmp")
+                    .map(|(_, t)| t)
             }
             "jpeg" => metadata::jpeg_xmp(&bytes),
             _ => metadata::webp_xmp(&bytes),
@@ -186,7 +212,11 @@ fn images_carry_their_generation_parameters_unless_turned_off() {
             "diffusiond:guidance_scale=\"0\"",
             "diffusiond:width=\"96\"",
             "diffusiond:height=\"64\"",
-            concat!("xmp:CreatorTool=\"diffusiond ", env!("CARGO_PKG_VERSION"), "\""),
+            concat!(
+                "xmp:CreatorTool=\"diffusiond ",
+                env!("CARGO_PKG_VERSION"),
+                "\""
+            ),
         ] {
             assert!(xmp.contains(needle), "{format}: {needle} not in {xmp}");
         }
@@ -206,8 +236,13 @@ fn images_carry_their_generation_parameters_unless_turned_off() {
                 None,
             )
             .success();
-        let bytes = server.get_url(v["images"][0]["url"].as_str().unwrap()).bytes;
+        let bytes = server
+            .get_url(v["images"][0]["url"].as_str().unwrap())
+            .bytes;
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("trainedAlgorithmicMedia") && !text.contains("red fox"), "{format}");
+        assert!(
+            !text.contains("trainedAlgorithmicMedia") && !text.contains("red fox"),
+            "{format}"
+        );
     }
 }

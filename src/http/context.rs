@@ -34,7 +34,10 @@ pub async fn request_context(
             tracing::error!(request_id = %id, code = p.code, "{detail}");
         }
         // The OpenAI-compatible routes answer in OpenAI's error shape, the rest in the contract's.
-        let body = if route.as_deref().is_some_and(|r| r.starts_with(OPENAI_PREFIX)) {
+        let body = if route
+            .as_deref()
+            .is_some_and(|r| r.starts_with(OPENAI_PREFIX))
+        {
             p.openai_body()
         } else {
             p.hosted_body(id.as_str())

@@ -118,7 +118,9 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
 pub fn router(state: AppState) -> Router {
     routes()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .fallback(files::not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

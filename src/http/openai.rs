@@ -53,8 +53,8 @@ pub struct OpenAiRequest {
 pub fn parse(catalog: &Catalog, mut obj: Map<String, Value>) -> Result<OpenAiRequest, ApiError> {
     let mut take = |name: &str| obj.remove(name).filter(|v| !v.is_null());
     let prompt = string("prompt", take("prompt"))?;
-    let model = string("model", take("model"))?
-        .or_else(|| catalog.models().first().map(|m| m.id.clone()));
+    let model =
+        string("model", take("model"))?.or_else(|| catalog.models().first().map(|m| m.id.clone()));
     let n = integer("n", take("n"))?;
     let size = string("size", take("size"))?;
     let quality = string("quality", take("quality"))?.unwrap_or_else(|| "auto".into());
@@ -419,9 +419,11 @@ mod tests {
         assert_eq!((r.raw.width, r.raw.height), (None, None));
         assert_eq!(r.output_format, "png");
         assert!(!r.url && !r.stream);
-        let r = p(json!({"prompt": "a cat", "model": "flux-2-pro", "n": 2, "size": "512x768",
+        let r = p(
+            json!({"prompt": "a cat", "model": "flux-2-pro", "n": 2, "size": "512x768",
             "response_format": "url", "output_format": "jpeg", "output_compression": 50,
-            "moderation": "low", "user": "u1", "seed": 3}))
+            "moderation": "low", "user": "u1", "seed": 3}),
+        )
         .unwrap();
         assert_eq!((r.raw.width, r.raw.height), (Some(512), Some(768)));
         assert_eq!(r.raw.num_images, Some(2));
@@ -433,8 +435,10 @@ mod tests {
 
     #[test]
     fn gpt_image_2_is_priced_by_the_size_asked() {
-        let r = p(json!({"prompt": "x", "model": "gpt-image-2", "size": "2048x1536", "quality": "low"}))
-            .unwrap();
+        let r = p(
+            json!({"prompt": "x", "model": "gpt-image-2", "size": "2048x1536", "quality": "low"}),
+        )
+        .unwrap();
         assert_eq!(r.raw.resolution.as_deref(), Some("2k"));
         assert_eq!(r.raw.quality.as_deref(), Some("low"));
         let r = p(json!({"prompt": "x", "model": "gpt-image-2"})).unwrap();
@@ -445,13 +449,22 @@ mod tests {
     #[test]
     fn refusals_say_why() {
         for (body, needle) in [
-            (json!({"prompt": "x", "background": "transparent"}), "opaque RGB"),
+            (
+                json!({"prompt": "x", "background": "transparent"}),
+                "opaque RGB",
+            ),
             (json!({"prompt": "x", "size": "big"}), "WIDTHxHEIGHT"),
             (json!({"prompt": "x", "partial_images": 4}), "0 to 3"),
-            (json!({"prompt": "x", "response_format": "file"}), "b64_json, url"),
+            (
+                json!({"prompt": "x", "response_format": "file"}),
+                "b64_json, url",
+            ),
             (json!({"prompt": "x", "quality": "ultra"}), "auto, low"),
             (json!({"prompt": "x", "stream": "yes"}), "'stream'"),
-            (json!({"prompt": "x", "output_format": "gif"}), "png, jpeg, webp"),
+            (
+                json!({"prompt": "x", "output_format": "gif"}),
+                "png, jpeg, webp",
+            ),
         ] {
             let e = p(body.clone()).unwrap_err();
             assert!(e.to_string().contains(needle), "{body}: {e}");

@@ -147,10 +147,7 @@ impl Style {
     ) -> Vec<Event> {
         match self {
             Style::Hosted { base } => vec![match result {
-                Ok(g) => event(
-                    "completed",
-                    &json!(GenerateResponse::new(base, g)),
-                ),
+                Ok(g) => event("completed", &json!(GenerateResponse::new(base, g))),
                 Err(e) => {
                     let p = ApiError::from(e).payload();
                     log_detail(id, &p.detail);

@@ -52,7 +52,10 @@ async fn openai_b64_json_is_raw_base64_of_a_png() {
     assert_eq!(v["output_format"], "png");
     assert_eq!(v["background"], "opaque");
     assert_eq!(v["quality"], "high");
-    assert_eq!(v["credits_used"], 500, "the catalog price of flux-2-pro x 2");
+    assert_eq!(
+        v["credits_used"], 500,
+        "the catalog price of flux-2-pro x 2"
+    );
     let data = v["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
     for (i, d) in data.iter().enumerate() {
@@ -109,18 +112,57 @@ async fn openai_errors_have_openai_shape() {
 
     let auth = format!("Bearer {}", t.key);
     for (body, status, code, param) in [
-        (json!({"model": "flux-2-pro"}), 400, "missing_prompt", json!("prompt")),
-        (json!({"prompt": "x", "model": "nope"}), 400, "invalid_model", json!("model")),
-        (json!({"prompt": "x", "n": 5}), 400, "invalid_num_images", json!("n")),
-        (json!({"prompt": "x", "size": "100x100"}), 400, "invalid_dimensions", json!("size")),
-        (json!({"prompt": "x", "background": "transparent"}), 400, "invalid_parameter", Value::Null),
-        (json!({"prompt": "x", "n": "2"}), 400, "invalid_request", Value::Null),
+        (
+            json!({"model": "flux-2-pro"}),
+            400,
+            "missing_prompt",
+            json!("prompt"),
+        ),
+        (
+            json!({"prompt": "x", "model": "nope"}),
+            400,
+            "invalid_model",
+            json!("model"),
+        ),
+        (
+            json!({"prompt": "x", "n": 5}),
+            400,
+            "invalid_num_images",
+            json!("n"),
+        ),
+        (
+            json!({"prompt": "x", "size": "100x100"}),
+            400,
+            "invalid_dimensions",
+            json!("size"),
+        ),
+        (
+            json!({"prompt": "x", "background": "transparent"}),
+            400,
+            "invalid_parameter",
+            Value::Null,
+        ),
+        (
+            json!({"prompt": "x", "n": "2"}),
+            400,
+            "invalid_request",
+            Value::Null,
+        ),
         // 1000 credits on the key; 4 x 800 is more.
-        (json!({"prompt": "x", "model": "seedream-v4.5", "n": 4, "size": "256x256"}), 402, "insufficient_credits", Value::Null),
+        (
+            json!({"prompt": "x", "model": "seedream-v4.5", "n": 4, "size": "256x256"}),
+            402,
+            "insufficient_credits",
+            Value::Null,
+        ),
     ] {
         let r = send(
             &t.app,
-            post_to("/v1/images/generations", body.clone(), &[("authorization", &auth)]),
+            post_to(
+                "/v1/images/generations",
+                body.clone(),
+                &[("authorization", &auth)],
+            ),
         )
         .await;
         assert_eq!(r.status.as_u16(), status, "{body}");
@@ -136,7 +178,15 @@ async fn openai_errors_have_openai_shape() {
         assert!(!e["message"].as_str().unwrap().is_empty());
     }
     // The hosted route keeps the contract's shape.
-    let r = send(&t.app, post_to("/v1/generate", json!({"model": "flux-2-pro"}), &[("authorization", &auth)])).await;
+    let r = send(
+        &t.app,
+        post_to(
+            "/v1/generate",
+            json!({"model": "flux-2-pro"}),
+            &[("authorization", &auth)],
+        ),
+    )
+    .await;
     assert_eq!(r.json()["success"], false);
     assert_eq!(r.code(), "missing_prompt");
 }
@@ -168,7 +218,11 @@ async fn hosted_event_stream_ends_with_the_plain_body() {
         "num_images": 2, "seed": 4, "steps": 3});
     let r = send(
         &t.app,
-        post_to("/v1/generate", body.clone(), &[("accept", "text/event-stream")]),
+        post_to(
+            "/v1/generate",
+            body.clone(),
+            &[("accept", "text/event-stream")],
+        ),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -188,10 +242,11 @@ async fn hosted_event_stream_ends_with_the_plain_body() {
     let id = done["request_id"].as_str().unwrap();
     assert_eq!(r.headers["x-request-id"], id);
     // Exactly what the plain call answers: same keys, same values but the request's own ID.
-    let plain = send(&t.app, post_to("/v1/generate", body, &[])).await.json();
+    let plain = send(&t.app, post_to("/v1/generate", body, &[]))
+        .await
+        .json();
     let pid = plain["request_id"].as_str().unwrap();
-    let expected: Value =
-        serde_json::from_str(&plain.to_string().replace(pid, id)).unwrap();
+    let expected: Value = serde_json::from_str(&plain.to_string().replace(pid, id)).unwrap();
     assert_eq!(done, &expected);
 }
 
@@ -200,7 +255,11 @@ async fn stream_refusals_keep_their_status() {
     let t = app(true).await;
     let r = send(
         &t.app,
-        post_to("/v1/generate", json!({"prompt": "x", "model": "flux-2-pro"}), &[("accept", "text/event-stream")]),
+        post_to(
+            "/v1/generate",
+            json!({"prompt": "x", "model": "flux-2-pro"}),
+            &[("accept", "text/event-stream")],
+        ),
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -327,19 +386,30 @@ async fn playground_and_docs_are_served_from_the_binary() {
     let t = app(false).await;
     let page = send(&t.app, get("/")).await;
     assert_eq!(page.status, StatusCode::OK);
-    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     let html = String::from_utf8(page.bytes).unwrap();
     assert!(html.contains("/playground/app.js") && html.contains("id=\"prompt\""));
     assert!(!html.contains("https://"), "no CDN");
     for (asset, kind) in [("app.js", "text/javascript"), ("app.css", "text/css")] {
         let r = send(&t.app, get(&format!("/playground/{asset}"))).await;
         assert_eq!(r.status, StatusCode::OK);
-        assert!(r.headers["content-type"].to_str().unwrap().starts_with(kind));
+        assert!(r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(kind));
     }
-    assert_eq!(send(&t.app, get("/playground/x.js")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&t.app, get("/playground/x.js")).await.status,
+        StatusCode::NOT_FOUND
+    );
     let docs = send(&t.app, get("/docs")).await;
     assert_eq!(docs.status, StatusCode::OK);
-    assert!(String::from_utf8(docs.bytes).unwrap().contains("/openapi.json"));
+    assert!(String::from_utf8(docs.bytes)
+        .unwrap()
+        .contains("/openapi.json"));
     let j = send(&t.app, get("/openapi.json")).await;
     assert_eq!(j.headers["content-type"], "application/json");
     assert_eq!(j.json()["info"]["title"], "diffusiond");
@@ -359,7 +429,13 @@ async fn account_shows_the_keys_credits() {
     .await;
     assert_eq!(r.json()["credits"], 1000);
     assert_eq!(r.json()["auth"], "keys");
-    assert_eq!(send(&t.app, get("/v1/account")).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&t.app, get("/v1/account")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let open = app(false).await;
-    assert_eq!(send(&open.app, get("/v1/account")).await.json()["auth"], "open");
+    assert_eq!(
+        send(&open.app, get("/v1/account")).await.json()["auth"],
+        "open"
+    );
 }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::Generator;
-use crate::scheduler::{CancelFlag, Image, Job, JobError, Progress, ProgressTx, SubmitError, Ticket};
+use crate::scheduler::{
+    CancelFlag, Image, Job, JobError, Progress, ProgressTx, SubmitError, Ticket,
+};
 
 type Reply = oneshot::Sender<Result<Vec<Image>, JobError>>;
 

@@ -13,8 +13,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub use encode::{encode, Encoding, ImageFormat};
-pub use metadata::Provenance;
 pub use id::RequestId;
+pub use metadata::Provenance;
 
 use crate::scheduler::Image;
 
@@ -210,7 +210,9 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("secret.txt"), b"x").unwrap();
         let id = RequestId::generate();
-        store.save(&id, &[img(16, 16)], ImageFormat::Png, None).unwrap();
+        store
+            .save(&id, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
         assert!(store.read(id.as_str(), "image_0.png").await.is_some());
         assert!(store.read(id.as_str(), "image_0.jpg").await.is_none());
         assert!(store.read(id.as_str(), "image_1.png").await.is_none());
@@ -252,7 +254,10 @@ mod tests {
             height: 16,
             software: Provenance::software_name(),
         };
-        let second = Provenance { seed: 43, ..p.clone() };
+        let second = Provenance {
+            seed: 43,
+            ..p.clone()
+        };
         let both = [p.clone(), second];
         for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Webp] {
             let id = RequestId::generate();
@@ -270,11 +275,17 @@ mod tests {
                     ImageFormat::Png => {
                         let texts = metadata::png_texts(&bytes).unwrap();
                         let get = |k: &str| {
-                            texts.iter().find(|(key, _)| key == k).map(|(_, t)| t.clone())
+                            texts
+                                .iter()
+                                .find(|(key, _)| key == k)
+                                .map(|(_, t)| t.clone())
                         };
                         assert_eq!(get("Software"), Some(p.software.clone()));
                         let params = get("parameters").unwrap();
-                        assert!(params.starts_with("a red fox & \"snow\" 🦊\nSteps: 8"), "{params}");
+                        assert!(
+                            params.starts_with("a red fox & \"snow\" 🦊\nSteps: 8"),
+                            "{params}"
+                        );
                         assert!(params.contains(&format!("Seed: {}", 42 + i)), "{params}");
                         get("XML:com.adobe.xmp")
                     }
@@ -290,7 +301,10 @@ mod tests {
                     "diffusiond:guidance_scale=\"0\"".into(),
                     "diffusiond:width=\"32\"".into(),
                     "diffusiond:height=\"16\"".into(),
-                    format!("xmp:CreatorTool=\"diffusiond {}\"", env!("CARGO_PKG_VERSION")),
+                    format!(
+                        "xmp:CreatorTool=\"diffusiond {}\"",
+                        env!("CARGO_PKG_VERSION")
+                    ),
                 ] {
                     assert!(xmp.contains(&field), "{format:?} lacks {field}: {xmp}");
                 }
@@ -298,7 +312,9 @@ mod tests {
         }
         // Without provenance, nothing is embedded.
         let id = RequestId::generate();
-        store.save(&id, &[img(8, 8)], ImageFormat::Jpeg, None).unwrap();
+        store
+            .save(&id, &[img(8, 8)], ImageFormat::Jpeg, None)
+            .unwrap();
         let bytes = store.read(id.as_str(), "image_0.jpg").await.unwrap().bytes;
         assert_eq!(metadata::jpeg_xmp(&bytes), None);
     }
@@ -309,11 +325,19 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         let size = |q: u8| {
             let id = RequestId::generate();
-            let enc = Encoding { format: ImageFormat::Jpeg, quality: Some(q) };
+            let enc = Encoding {
+                format: ImageFormat::Jpeg,
+                quality: Some(q),
+            };
             store.save(&id, &[img(64, 64)], enc, None).unwrap();
-            std::fs::metadata(dir.path().join("files/gen").join(id.as_str()).join("image_0.jpg"))
-                .unwrap()
-                .len()
+            std::fs::metadata(
+                dir.path()
+                    .join("files/gen")
+                    .join(id.as_str())
+                    .join("image_0.jpg"),
+            )
+            .unwrap()
+            .len()
         };
         assert!(size(20) < size(100));
     }
