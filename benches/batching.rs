@@ -8,7 +8,9 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use diffusiond::scheduler::{self, Job, PipelineConfig, SchedulerConfig};
+use diffusiond::catalog::Pipeline;
+use diffusiond::pipeline::{denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
+use diffusiond::scheduler::{self, Job, SchedulerConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,9 +26,7 @@ fn latency(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("batch{n}"), |b| {
             b.iter(|| {
-                model
-                    .generate(&common::spec(n, 1), |_, _| {})
-                    .expect("generate")
+                denoise::generate(model.as_ref(), &common::spec(n, 1), |_, _| {}).expect("generate")
             })
         });
     }
@@ -47,10 +47,18 @@ fn concurrent(c: &mut Criterion) {
     g.throughput(Throughput::Elements(8));
     for (name, max_batch) in [("batching_on", 8usize), ("batching_off", 1)] {
         let handle = scheduler::start(SchedulerConfig {
-            pipelines: vec![PipelineConfig {
+            pipelines: vec![Pipeline {
                 name: "z".into(),
-                source: dir.display().to_string(),
+                weights: dir.display().to_string(),
+                family: None,
+                max_sequence_length: None,
+                steps: 9,
+                guidance_scale: 0.0,
             }],
+            run: RunOptions {
+                device: DeviceSpec::Cpu,
+                ..RunOptions::default()
+            },
             max_batch_images: max_batch,
             warmup: true,
             ..Default::default()
@@ -63,13 +71,15 @@ fn concurrent(c: &mut Criterion) {
                         handle
                             .submit(Job {
                                 pipeline: "z".into(),
-                                prompt: format!("{} #{i}", common::PROMPT),
-                                negative_prompt: String::new(),
-                                width: 256,
-                                height: 256,
-                                seeds: vec![i],
-                                steps: 9,
-                                guidance_scale: 0.0,
+                                spec: GenerateSpec {
+                                    prompt: format!("{} #{i}", common::PROMPT),
+                                    negative_prompt: String::new(),
+                                    width: 256,
+                                    height: 256,
+                                    seeds: vec![i],
+                                    steps: 9,
+                                    guidance: Guidance::none(),
+                                },
                             })
                             .expect("submit")
                     })

@@ -2,14 +2,16 @@
 //! caption; 4 images = 1132): our packed AVX-512 GEMM vs candle's matmul (the gemm crate), same
 //! inputs, same threads. Prints one line per shape and the ratio.
 //!
-//! Also the CPU attention kernel at the bench model's shape (8 heads of 66, 288 tokens).
+//! Also CPU f32 attention (`pipeline::attention::attention`, which runs the AVX-512 kernel) at
+//! the bench model's shape (8 heads of 66, 288 tokens).
 //!
 //!     cargo bench --bench dense [-- --reps 50]
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use diffusiond::pipeline::kernels::{cpu_attention, PackedDense};
+use diffusiond::pipeline::attention::attention;
+use diffusiond::pipeline::kernels::PackedDense;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -60,26 +62,12 @@ fn main() {
     }
     for &(b, s) in &[(1usize, 288usize), (4, 288)] {
         let (h, d) = (8, 66);
-        let n = b * h * s * d;
-        let q = Tensor::randn(0f32, 1.0, n, &dev)
-            .expect("q")
-            .to_vec1::<f32>()
-            .expect("q");
-        let k = Tensor::randn(0f32, 1.0, n, &dev)
-            .expect("k")
-            .to_vec1::<f32>()
-            .expect("k");
-        let v = Tensor::randn(0f32, 1.0, n, &dev)
-            .expect("v")
-            .to_vec1::<f32>()
-            .expect("v");
+        let q = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).expect("q");
+        let k = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).expect("k");
+        let v = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).expect("v");
         let lens = vec![s; b];
-        let scale = 1.0 / (d as f32).sqrt();
-        if cpu_attention(&q, &k, &v, (b, h, h, s, d), &lens, scale).is_none() {
-            return;
-        }
         let t = time(reps, || {
-            cpu_attention(&q, &k, &v, (b, h, h, s, d), &lens, scale);
+            attention(&q, &k, &v, Some(&lens)).expect("attention");
         });
         let flops = 4.0 * (b * h * s * s * d) as f64;
         println!(

@@ -5,7 +5,6 @@
 
 mod common;
 
-use candle_core::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use diffusiond::pipeline::denoise::{self, DenoiseItem};
 
@@ -17,31 +16,31 @@ fn stages(c: &mut Criterion) {
         return;
     };
     let model = common::load(&dir);
+    let model = model.as_ref();
     let mut g = c.benchmark_group("stages");
     g.sample_size(10);
 
     g.bench_function("text_encode", |b| {
-        b.iter(|| model.encode_prompt(common::PROMPT).expect("encode"))
+        b.iter(|| model.encode(common::PROMPT, None).expect("encode"))
     });
 
     for n in [1usize, 4] {
         let spec = common::spec(n, 0);
-        let cond = model.condition(&spec).expect("encode");
+        let cond = denoise::condition(model, &spec).expect("encode");
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("transformer_step/batch{n}"), |b| {
             b.iter_batched(
-                || model.items(&spec, &cond).expect("items"),
+                || denoise::items(model, &spec, &cond).expect("items"),
                 |mut items: Vec<DenoiseItem>| {
                     let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
-                    denoise::step(&model, &mut refs).expect("step");
+                    denoise::step(model, &mut refs).expect("step");
                     items
                 },
                 criterion::BatchSize::PerIteration,
             )
         });
-        let items = model.items(&spec, &cond).expect("items");
-        let latents =
-            Tensor::stack(&items.iter().map(|i| i.latent()).collect::<Vec<_>>(), 0).expect("stack");
+        let items = denoise::items(model, &spec, &cond).expect("items");
+        let latents: Vec<_> = items.iter().map(|i| i.latent()).collect();
         g.bench_function(format!("vae_decode/batch{n}"), |b| {
             b.iter(|| model.decode(&latents).expect("decode"))
         });

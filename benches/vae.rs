@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use diffusiond::pipeline::z_image::vae::{VaeConfig, VaeDecoder};
+use diffusiond::pipeline::vae::{VaeConfig, VaeDecoder};
 use diffusiond::pipeline::{ModelFiles, WeightSource};
 
 #[global_allocator]
@@ -62,12 +62,12 @@ fn quick(vae: &VaeDecoder, cfg: &VaeConfig, runs: usize) {
             &Device::Cpu,
         )
         .expect("latents");
-        vae.decode(&latents, DType::F32).expect("warm-up");
+        vae.decode_scaled(&latents).expect("warm-up");
         let mut walls = Vec::new();
         let cpu0 = cpu_seconds();
         for _ in 0..runs {
             let t = std::time::Instant::now();
-            vae.decode(&latents, DType::F32).expect("decode");
+            vae.decode_scaled(&latents).expect("decode");
             walls.push(t.elapsed().as_secs_f64());
         }
         let cpu = (cpu_seconds() - cpu0) / runs as f64;
@@ -102,7 +102,7 @@ fn vae_decode(c: &mut Criterion) {
             Tensor::randn(0f32, 1.0, (n, cfg.latent_channels, side, side), &dev).expect("latents");
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("256x256/{n}"), |b| {
-            b.iter(|| vae.decode(&latents, DType::F32).expect("decode"))
+            b.iter(|| vae.decode_scaled(&latents).expect("decode"))
         });
     }
     g.finish();

@@ -2,32 +2,51 @@
 //! HTTP server, and graceful shutdown. Also the `keys` admin commands.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::accounts::{Accounts, KeyInfo, NewKey};
-use crate::catalog::Catalog;
-use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs};
+use crate::catalog::{Catalog, Pipeline};
+use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs, WeightsOverride};
 use crate::http::{self, AppState, PublicUrl};
-use crate::infer::{AuthPolicy, Facade, Generator};
+use crate::infer::{AuthPolicy, Facade, Generator, WorkerState};
 use crate::scheduler::{
-    self, Job, PipelineConfig, ProgressTx, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
+    self, Job, ProgressTx, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
 };
 use crate::store::FileStore;
 
-impl Generator for SchedulerHandle {
+/// The scheduler as the facade's generator, with the state `GET /health` reports: `Stopped` from
+/// the shutdown signal on or once the device thread is gone, `Ready` otherwise. (HTTP is served
+/// only after the first pipeline is loaded and warm, so there is no loading state to report.)
+struct DeviceWorker {
+    scheduler: SchedulerHandle,
+    stopping: AtomicBool,
+}
+
+impl Generator for DeviceWorker {
+    fn worker_state(&self) -> WorkerState {
+        if self.stopping.load(Ordering::SeqCst) || !self.scheduler.is_running() {
+            WorkerState::Stopped
+        } else {
+            WorkerState::Ready
+        }
+    }
     fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
-        SchedulerHandle::submit_with_progress(self, job, progress)
+        self.scheduler.submit_with_progress(job, progress)
     }
     fn loaded_pipelines(&self) -> Vec<String> {
-        SchedulerHandle::loaded_pipelines(self)
+        self.scheduler.loaded_pipelines()
     }
     fn metrics_text(&self) -> String {
-        SchedulerHandle::metrics_text(self)
+        self.scheduler.metrics_text()
     }
 }
+
+/// How long shutdown waits for outstanding refunds to reach the database.
+const REFUND_WAIT: Duration = Duration::from_secs(10);
 
 /// `--data-dir`, or the per-user data directory.
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -39,38 +58,39 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn load_catalog(path: Option<&std::path::Path>) -> anyhow::Result<Catalog> {
+pub fn load_catalog(path: Option<&std::path::Path>) -> anyhow::Result<Catalog> {
     Ok(match path {
         Some(p) => Catalog::from_file(p)?,
         None => Catalog::builtin()?,
     })
 }
 
-/// The pipelines the catalog uses, with `--weights NAME=SOURCE` overriding their sources.
-fn pipeline_configs(
+/// The pipelines the catalog uses, in the order its models first name them (the first is the
+/// one loaded at start), with `--weights NAME=SOURCE` overriding their sources.
+pub fn pipeline_configs(
     catalog: &Catalog,
-    overrides: &[String],
-) -> anyhow::Result<Vec<PipelineConfig>> {
-    let mut configs: Vec<PipelineConfig> = catalog
-        .used_pipelines()
-        .into_iter()
-        .map(|p| PipelineConfig {
-            name: p.name.clone(),
-            source: p.weights.clone(),
-        })
-        .collect();
+    overrides: &[WeightsOverride],
+) -> anyhow::Result<Vec<Pipeline>> {
+    let mut configs: Vec<Pipeline> = Vec::new();
+    for m in catalog.models() {
+        if configs.iter().all(|c| c.name != m.pipeline) {
+            if let Some(p) = catalog.pipeline(&m.pipeline) {
+                configs.push(p.clone());
+            }
+        }
+    }
     for o in overrides {
-        let Some((name, source)) = o.split_once('=') else {
-            bail!("--weights '{o}': expected PIPELINE=SOURCE");
-        };
-        let Some(c) = configs.iter_mut().find(|c| c.name == name) else {
+        let Some(c) = configs.iter_mut().find(|c| c.name == o.pipeline) else {
             let known: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
             bail!(
-                "--weights '{o}': no model of the catalog uses pipeline '{name}' (pipelines: {})",
+                "--weights '{}={}': no model of the catalog uses pipeline '{}' (pipelines: {})",
+                o.pipeline,
+                o.source,
+                o.pipeline,
                 known.join(", ")
             );
         };
-        c.source = source.to_string();
+        c.weights = o.source.clone();
     }
     Ok(configs)
 }
@@ -92,39 +112,56 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::Keys
     });
 
-    let accounts = Accounts::open(&data_dir).await?;
+    // The lock first: no other server may be migrating or repairing the same database.
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(&data_dir)?;
+    let accounts = Accounts::open(&data_dir).await?;
     let refunded = accounts.refund_stale_reservations().await?;
     if refunded > 0 {
         tracing::warn!("refunded {refunded} request(s) left unfinished by the previous run");
     }
     let store = FileStore::open(&data_dir)
         .with_context(|| format!("file store in {}", data_dir.display()))?;
+    if let Some(age) = args.retention {
+        tokio::spawn(retention(store.clone(), age.0));
+    }
 
     let config = SchedulerConfig {
         pipelines,
-        device: args.device.device.clone(),
-        dtype: args.device.dtype.clone(),
-        queue_capacity: args.queue_capacity.max(1),
-        max_batch_images: args.max_batch_images.max(1),
+        run: args.device.run_options(),
+        devices: args.device.device.clone(),
+        queue_capacity: args.queue_capacity,
+        max_batch_images: args.max_batch_images,
         warmup: true,
-        offload_text_encoder: args.device.offload_text_encoder,
+        memory_budget: args.device.memory_budget.map(|b| b.0),
     };
-    tracing::info!(pipelines = ?config.pipelines, device = %config.device, "loading pipelines and warming up");
+    let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+    let devices: Vec<String> = config.devices.iter().map(|d| d.to_string()).collect();
+    tracing::info!(pipelines = ?names, devices = ?devices, "loading the first pipeline and warming up on each device");
     let scheduler = tokio::task::spawn_blocking(move || scheduler::start(config)).await??;
 
     let policy = match mode {
         AuthMode::Open => AuthPolicy::Open,
         AuthMode::Keys => AuthPolicy::Keys(accounts.clone()),
     };
-    let mut facade = Facade::new(catalog, policy, store, Arc::new(scheduler.clone()));
+    let worker = Arc::new(DeviceWorker {
+        scheduler: scheduler.clone(),
+        stopping: AtomicBool::new(false),
+    });
+    let mut facade = Facade::new(catalog, policy, store, worker.clone())
+        .with_admission_limit(args.queue_capacity);
     if args.no_metadata {
         facade = facade.without_metadata();
     }
+    let facade = Arc::new(facade);
+    let web = web_policy(&args, mode, bound);
     let state = AppState::new(
-        Arc::new(facade),
+        facade.clone(),
         PublicUrl::new(args.public_url.as_deref(), bound),
-    );
+    )
+    .with_web_policy(web)
+    .with_metrics_auth(args.metrics_auth);
     let auth = match mode {
         AuthMode::Open => "open",
         AuthMode::Keys => "keys",
@@ -137,8 +174,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%bound, auth, data_dir = %data_dir.display(), "ready");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+    let limits = http::Limits {
+        max_connections: args.max_connections,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        write_timeout: Duration::from_secs(args.write_timeout),
+    };
+    let server = http::serve(listener, http::router(state), limits, async move {
         shutdown_signal().await;
+        worker.stopping.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);
     });
@@ -157,33 +200,92 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let s = scheduler.clone();
     tokio::task::spawn_blocking(move || s.shutdown()).await?;
-    // Let refunds spawned by dropped requests reach the database; the next start repairs any that
-    // do not.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait for the refunds of the requests that failed or were dropped to reach the database;
+    // the next start repairs any that do not within the limit.
+    if tokio::time::timeout(REFUND_WAIT, facade.reservations_resolved())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "refunds still pending after {}s: the next start makes them",
+            REFUND_WAIT.as_secs()
+        );
+    }
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Hold `<data-dir>/serve.lock` for the server's lifetime: at start a server refunds reservations
-/// left open, which is only right if no other server is using the same data directory. (The
-/// `keys` commands do not take it.)
+/// Delete stored images older than `max_age`, checking every `max_age / 4` (1 s to 5 min).
+async fn retention(store: FileStore, max_age: Duration) {
+    let every = (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    tracing::info!(
+        max_age_s = max_age.as_secs(),
+        "retention on: older images are deleted"
+    );
+    loop {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.remove_older_than(max_age)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(requests = n, "retention: deleted old images"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed"),
+            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Host names are checked in open mode on a loopback address (what a DNS-rebinding page
+/// reaches); cross-origin callers are refused in every mode unless `--cors-origin` lists them.
+fn web_policy(args: &ServeArgs, mode: AuthMode, bound: std::net::SocketAddr) -> http::WebPolicy {
+    let allowed_hosts = (mode == AuthMode::Open && bound.ip().is_loopback()).then(|| {
+        let listen = match bound.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .iter()
+            .map(|h| h.to_string())
+            .chain([listen])
+            .chain(
+                args.allowed_hosts
+                    .iter()
+                    .map(|h| http::WebPolicy::host_name(h)),
+            )
+            .collect();
+        if let Some(url) = &args.public_url {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let authority = rest.split('/').next().unwrap_or(rest);
+            hosts.push(http::WebPolicy::host_name(authority));
+        }
+        hosts
+    });
+    http::WebPolicy {
+        allowed_hosts,
+        cors_origins: args
+            .cors_origin
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_string())
+            .collect(),
+    }
+}
+
+/// Hold an OS lock (flock) on the data directory itself for the server's lifetime: at start a
+/// server refunds reservations left open, which is only right if no other server is using the
+/// same data directory. The directory is locked rather than a `serve.lock` file in it, so that
+/// deleting a file cannot let a second server in; the lock goes with the process, however it
+/// ends. (The `keys` commands do not take it.)
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join("serve.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
+    let handle = std::fs::File::open(dir)
+        .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+    match handle.try_lock() {
+        Ok(()) => Ok(handle),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another `diffusiond serve` is using the data directory {}",
             dir.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            Err(e).with_context(|| format!("cannot lock {}", dir.display()))
         }
     }
 }
@@ -215,7 +317,12 @@ async fn shutdown_signal() {
 /// `diffusiond keys ...`.
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir)?;
-    let accounts = Accounts::open(&dir).await?;
+    // Only `create` may start a database; the others on a mistyped --data-dir must fail, not
+    // create an empty one there.
+    let accounts = match args.command {
+        KeysCommand::Create { .. } => Accounts::open(&dir).await?,
+        _ => Accounts::open_existing(&dir).await?,
+    };
     let result = run_keys(&accounts, args.command).await;
     accounts.close().await;
     result
@@ -256,7 +363,7 @@ async fn run_keys(accounts: &Accounts, command: KeysCommand) -> anyhow::Result<(
                     quota,
                     k.used_today,
                     status,
-                    k.name
+                    k.name.escape_debug()
                 );
             }
         }
@@ -279,11 +386,32 @@ fn describe(k: &KeyInfo) -> String {
     let name = if k.name.is_empty() {
         String::new()
     } else {
-        format!(" '{}'", k.name)
+        format!(" '{}'", k.name.escape_debug())
     };
     let revoked = if k.revoked { ", revoked" } else { "" };
     format!(
         "key {}{name} ({}...): balance {} credits, {quota}{revoked}",
         k.id, k.prefix, k.balance
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// Issue 15, finding 7: the lock was a `serve.lock` file; with it deleted, a second server
+    /// created a new one, locked that, and ran beside the first on the same data directory.
+    #[test]
+    fn the_data_dir_lock_survives_deleting_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = super::lock_data_dir(dir.path()).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        let second = super::lock_data_dir(dir.path());
+        let message = format!("{:#}", second.unwrap_err());
+        assert!(message.contains("another `diffusiond serve`"), "{message}");
+        drop(held);
+        super::lock_data_dir(dir.path()).unwrap();
+    }
 }

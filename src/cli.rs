@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::pipeline::{DeviceSpec, RunDType, RunOptions, WeightSource};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "diffusiond",
@@ -28,51 +30,148 @@ pub enum Command {
 /// Where the model runs and in which precision.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
-    /// Device: `cpu`, `cuda`, `cuda:N` or `metal`.
-    #[arg(long, env = "DIFFUSIOND_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Device: `auto` (CUDA when built in and a card is present, else Metal, else the CPU),
+    /// `cpu`, `cuda`, `cuda:N` or `metal`. `serve` takes a comma-separated list
+    /// (`cuda:0,cuda:1`): one worker per device, each holding its own copy of the pipelines
+    /// (the memory budget applies to each), all taking jobs from one queue.
+    #[arg(
+        long,
+        env = "DIFFUSIOND_DEVICE",
+        default_value = "auto",
+        value_delimiter = ','
+    )]
+    pub device: Vec<DeviceSpec>,
     /// Run dtype: `f32` (CPU default; exact), `bf16` or `f16` (GPU; half the memory, f32 kept where
     /// the reference keeps it). Default: f32 on CPU, bf16 on a GPU.
     #[arg(long, env = "DIFFUSIOND_DTYPE")]
-    pub dtype: Option<String>,
+    pub dtype: Option<RunDType>,
     /// Keep the text encoder in host memory and run it on the CPU: frees ~8 GB of GPU memory
     /// (what lets the full Z-Image-Turbo fit a 24 GB card) at the cost of slower prompt encoding.
     #[arg(long, env = "DIFFUSIOND_OFFLOAD_TEXT_ENCODER")]
     pub offload_text_encoder: bool,
+    /// Weights the device may hold at once (e.g. `20GiB`, `12GB`, bytes): pipelines load when
+    /// first needed and the least recently used idle one is unloaded to stay within it.
+    /// Default: the device's memory less 3 GiB of headroom (no limit where it cannot be told).
+    #[arg(long, env = "DIFFUSIOND_MEMORY_BUDGET")]
+    pub memory_budget: Option<ByteSize>,
+}
+
+impl DeviceArgs {
+    /// The run options of the first device (the only one outside `serve`).
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            device: self.device.first().copied().unwrap_or_default(),
+            dtype: self.dtype,
+            offload_text_encoder: self.offload_text_encoder,
+        }
+    }
+}
+
+/// A size in bytes: a number with an optional unit (`B`, `KB`/`MB`/`GB`/`TB` powers of 1000,
+/// `KiB`/`MiB`/`GiB`/`TiB` or `K`/`M`/`G`/`T` powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a size (e.g. 20GiB, 12GB, 500MiB)"))?;
+        let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "k" | "kib" => 1024.0,
+            "m" | "mib" => 1024.0 * 1024.0,
+            "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            other => return Err(format!("unknown size unit '{other}' in '{s}'")),
+        };
+        let bytes = num * mult;
+        if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+            return Err(format!("'{s}' is not a positive size"));
+        }
+        Ok(Self(bytes as u64))
+    }
+}
+
+/// `--weights PIPELINE=SOURCE`: a pipeline's weights from another source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsOverride {
+    pub pipeline: String,
+    /// `DIR` or `hf:ORG/REPO[@REV]` (checked when parsed).
+    pub source: String,
+}
+
+impl std::str::FromStr for WeightsOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((name, source)) = s.split_once('=') else {
+            return Err(format!("'{s}': expected PIPELINE=SOURCE"));
+        };
+        let (name, source) = (name.trim(), source.trim());
+        if name.is_empty() {
+            return Err(format!("'{s}': the pipeline name is empty"));
+        }
+        source
+            .parse::<WeightSource>()
+            .map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Self {
+            pipeline: name.to_string(),
+            source: source.to_string(),
+        })
+    }
+}
+
+/// Values 1 and up (0 is refused, not clamped).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// Local pipeline to run.
+    /// Hosted model ID (e.g. `flux-2-pro`) or local pipeline name (e.g. `z-image-turbo`), as the
+    /// catalog defines them; its size limits and defaults apply.
     #[arg(long, default_value = "z-image-turbo")]
     pub model: String,
     /// The text prompt.
     #[arg(long)]
     pub prompt: String,
-    /// Negative prompt, used only when --guidance-scale > 0.
+    /// Negative prompt, used only when guidance is on.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Image width in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub width: u32,
-    /// Image height in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub height: u32,
-    /// Number of images (one batched denoising loop).
+    /// Image width in pixels. Default: the model's.
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Image height in pixels. Default: the model's.
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Number of images (one batched denoising loop), 1 to 4 as on the server.
     #[arg(long, default_value_t = 1)]
     pub num_images: u32,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Model evaluations (denoising steps). Default: the pipeline's (8 for Turbo).
+    /// Model evaluations (denoising steps). Default: the pipeline's.
     #[arg(long)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale; CFG is on when > 0 (doubles the work). Default: the pipeline's.
+    /// Classifier-free guidance scale. Default: the pipeline's.
     #[arg(long)]
     pub guidance_scale: Option<f32>,
+    /// Model catalog (TOML) replacing the built-in models/catalog.toml.
+    #[arg(long, env = "DIFFUSIOND_CATALOG")]
+    pub catalog: Option<PathBuf>,
     /// Weights source per pipeline: `PIPELINE=DIR` (published layout) or `PIPELINE=hf:ORG/REPO[@REV]`.
     #[arg(long = "weights", env = "DIFFUSIOND_WEIGHTS", value_delimiter = ',')]
-    pub weights: Vec<String>,
+    pub weights: Vec<WeightsOverride>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Output file; the extension picks the format (png, jpg/jpeg, webp). Several images get `_0`, `_1`, ...
@@ -112,24 +211,82 @@ pub struct ServeArgs {
     /// Weights source per pipeline, overriding the catalog's: `PIPELINE=DIR` (published layout)
     /// or `PIPELINE=hf:ORG/REPO[@REV]`. Repeatable.
     #[arg(long = "weights", env = "DIFFUSIOND_WEIGHTS", value_delimiter = ',')]
-    pub weights: Vec<String>,
+    pub weights: Vec<WeightsOverride>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Jobs that may wait for the device; beyond this a request gets 503 server_busy at once.
-    #[arg(long, env = "DIFFUSIOND_QUEUE_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "DIFFUSIOND_QUEUE_CAPACITY", default_value_t = 64, value_parser = at_least_one())]
     pub queue_capacity: usize,
-    /// Images denoised together in one batch at most (higher: more throughput, more memory).
-    #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8)]
+    /// Images denoised together in one batch at most (higher: more throughput, more memory;
+    /// 1 turns batching off).
+    #[arg(long, env = "DIFFUSIOND_MAX_BATCH_IMAGES", default_value_t = 8, value_parser = at_least_one())]
     pub max_batch_images: usize,
+    /// More host names the server may be addressed by, beside the listen address, `localhost`,
+    /// `127.0.0.1`, `[::1]` and the public URL's host. Checked only in open mode on a loopback
+    /// address, where it stops DNS-rebinding pages. Comma-separated or repeated.
+    #[arg(long, env = "DIFFUSIOND_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// In keys mode, GET /metrics needs a valid API key (`Authorization: Bearer <key>`) like the
+    /// API; without it /metrics is open to whoever reaches the server.
+    #[arg(long, env = "DIFFUSIOND_METRICS_AUTH")]
+    pub metrics_auth: bool,
+    /// Web origins (`https://app.example.com`, or `*`) whose pages may call the API from a
+    /// browser (CORS). Any other cross-origin request is refused with 403. Comma-separated or
+    /// repeated.
+    #[arg(long, env = "DIFFUSIOND_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
     /// Seconds to wait for requests in flight after SIGINT/SIGTERM before giving up on them
     /// (their credits are refunded).
     #[arg(long, env = "DIFFUSIOND_SHUTDOWN_TIMEOUT", default_value_t = 120)]
     pub shutdown_timeout: u64,
+    /// Delete stored images older than this (`90s`, `30m`, `24h`, `7d`) in the background;
+    /// their URLs answer 404 afterwards. Off by default (images are kept until you delete them).
+    #[arg(long, env = "DIFFUSIOND_RETENTION")]
+    pub retention: Option<Age>,
+    /// Open HTTP connections at most; further clients wait in the listen backlog until one
+    /// closes. Keep it below the process's file-descriptor limit (`ulimit -n`).
+    #[arg(long, env = "DIFFUSIOND_MAX_CONNECTIONS", default_value_t = 512, value_parser = at_least_one())]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's complete headers, counted from when it
+    /// opens or its previous response ends: also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "DIFFUSIOND_HEADER_READ_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout: u64,
+    /// Seconds a response may wait for the client to read more of it before the connection is
+    /// closed (a client that stopped reading). Progress, however slow, resets it.
+    #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout: u64,
     /// Do not write the generation parameters (prompt, model, seed, steps, ...) and the
     /// "made by a trained model" marker into image files. By default they travel with every image
     /// (PNG text chunks, XMP in JPEG and WebP), so anyone holding the file can read the prompt.
     #[arg(long, env = "DIFFUSIOND_NO_METADATA")]
     pub no_metadata: bool,
+}
+
+/// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age(pub std::time::Duration);
+
+impl std::str::FromStr for Age {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a duration (e.g. 90s, 30m, 24h, 7d)"))?;
+        let mult = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("unknown duration unit '{other}' in '{s}'")),
+        };
+        match n.checked_mul(mult) {
+            Some(secs) if secs > 0 => Ok(Self(std::time::Duration::from_secs(secs))),
+            _ => Err(format!("'{s}' is not a positive duration")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -169,4 +326,32 @@ pub enum KeysCommand {
         /// Credits to add (positive).
         credits: i64,
     },
+}
+
+#[cfg(test)]
+mod age_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Age;
+    use std::time::Duration;
+
+    #[test]
+    fn ages_parse_with_units() {
+        assert_eq!("90".parse::<Age>().unwrap().0, Duration::from_secs(90));
+        assert_eq!("90s".parse::<Age>().unwrap().0, Duration::from_secs(90));
+        assert_eq!("30m".parse::<Age>().unwrap().0, Duration::from_secs(1800));
+        assert_eq!("24h".parse::<Age>().unwrap().0, Duration::from_secs(86_400));
+        assert_eq!("7d".parse::<Age>().unwrap().0, Duration::from_secs(604_800));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "1w",
+            "-1h",
+            "h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            assert!(bad.parse::<Age>().is_err(), "{bad}");
+        }
+    }
 }

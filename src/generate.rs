@@ -5,47 +5,46 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::app::{load_catalog, pipeline_configs};
+use crate::catalog::Catalog;
 use crate::cli::GenerateArgs;
-use crate::pipeline::{self, GenerateSpec, Guidance, RgbImage};
+use crate::infer::{validate, RawRequest};
+use crate::pipeline::{self, denoise, RgbImage, WeightSource};
+use crate::store::{encode, ImageFormat};
 
-/// The pipelines `generate` knows, with their default weights and sampling defaults.
-struct KnownPipeline {
-    name: &'static str,
-    weights: &'static str,
-    steps: u32,
-    guidance: f32,
-}
-
-const KNOWN: &[KnownPipeline] = &[KnownPipeline {
-    name: "z-image-turbo",
-    weights: "hf:Tongyi-MAI/Z-Image-Turbo",
-    steps: 8,
-    guidance: 0.0,
-}];
-
-/// Output formats by file extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Png,
-    Jpeg,
-    Webp,
-}
-
-fn format_of(path: &Path) -> Result<Format> {
+fn format_of(path: &Path) -> Result<ImageFormat> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
-    Ok(match ext.as_str() {
-        "png" => Format::Png,
-        "jpg" | "jpeg" => Format::Jpeg,
-        "webp" => Format::Webp,
-        _ => bail!(
+    ImageFormat::parse(&ext).with_context(|| {
+        format!(
             "cannot tell the image format of {}: use a .png, .jpg or .webp file name",
             path.display()
-        ),
+        )
     })
+}
+
+/// The hosted model ID a `--model` names: an ID of the catalog, or a pipeline name (then the
+/// first model it serves, whose limits apply).
+fn model_id(catalog: &Catalog, name: &str) -> Result<String> {
+    if catalog.model(name).is_some() {
+        return Ok(name.to_string());
+    }
+    if let Some(m) = catalog.models().iter().find(|m| m.pipeline == name) {
+        return Ok(m.id.clone());
+    }
+    let pipelines: Vec<&str> = catalog
+        .used_pipelines()
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    bail!(
+        "unknown model '{name}': model IDs: {}; pipelines: {}",
+        catalog.ids(),
+        pipelines.join(", ")
+    )
 }
 
 /// `out.png` for one image; `out_0.png`, `out_1.png`, ... for several.
@@ -66,104 +65,58 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-fn write_image(img: &RgbImage, path: &Path, format: Format) -> Result<()> {
-    let buf = image::RgbImage::from_raw(img.width, img.height, img.data.clone())
-        .context("image buffer has the wrong size")?;
-    match format {
-        Format::Png => buf.save_with_format(path, image::ImageFormat::Png),
-        Format::Webp => buf.save_with_format(path, image::ImageFormat::WebP),
-        Format::Jpeg => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(
-                std::io::BufWriter::new(file),
-                95,
-            );
-            enc.encode_image(&buf)
-        }
-    }
-    .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The weights source for `model`: `--weights model=SOURCE` or the pipeline's default.
-fn weights_for(model: &str, weights: &[String], default: &str) -> Result<String> {
-    for w in weights {
-        let Some((name, src)) = w.split_once('=') else {
-            bail!("bad --weights '{w}': expected PIPELINE=SOURCE");
-        };
-        if name.trim() == model {
-            return Ok(src.trim().to_string());
-        }
-    }
-    Ok(default.to_string())
+fn write_image(img: &RgbImage, path: &Path, format: ImageFormat) -> Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    encode(img, format, &mut out).with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::flush(&mut out).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let Some(known) = KNOWN.iter().find(|k| k.name == args.model) else {
-        let names: Vec<_> = KNOWN.iter().map(|k| k.name).collect();
-        bail!(
-            "unknown model '{}': available: {}",
-            args.model,
-            names.join(", ")
-        );
-    };
-    if args.prompt.trim().is_empty() {
-        bail!("--prompt must not be empty");
-    }
-    if args.width == 0
-        || args.height == 0
-        || !args.width.is_multiple_of(16)
-        || !args.height.is_multiple_of(16)
-    {
-        bail!(
-            "--width and --height must be positive multiples of 16 (got {}x{})",
-            args.width,
-            args.height
-        );
-    }
-    if !(1..=64).contains(&args.num_images) {
-        bail!("--num-images must be between 1 and 64");
-    }
-    let steps = args.steps.unwrap_or(known.steps);
-    if steps == 0 || steps > 1000 {
-        bail!("--steps must be between 1 and 1000");
-    }
-    let guidance = args.guidance_scale.unwrap_or(known.guidance);
-    if !guidance.is_finite() || guidance < 0.0 {
-        bail!("--guidance-scale must be a finite number >= 0");
-    }
+    let catalog = load_catalog(args.catalog.as_deref())?;
+    // The same overrides check as `serve`: a --weights for a pipeline no model uses is an error.
+    let pipelines = pipeline_configs(&catalog, &args.weights)?;
     let format = format_of(&args.out)?;
-    let source = weights_for(&args.model, &args.weights, known.weights)?;
-    let seed = args.seed.unwrap_or_else(rand::random);
-
-    let opts = pipeline::RunOptions {
-        device: args.device.device.clone(),
-        dtype: args.device.dtype.clone(),
-        offload_text_encoder: args.device.offload_text_encoder,
-    };
-    let model = pipeline::load_z_image_with(&source, &opts)
-        .with_context(|| format!("cannot load {} from {source}", args.model))?;
-    let spec = GenerateSpec {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width: args.width as usize,
-        height: args.height as usize,
-        seeds: (0..args.num_images as u64)
-            .map(|i| seed.wrapping_add(i))
-            .collect(),
-        steps: steps as usize,
-        guidance: Guidance {
-            scale: guidance,
-            ..Guidance::none()
+    let id = model_id(&catalog, &args.model)?;
+    let valid = validate(
+        &catalog,
+        RawRequest {
+            prompt: Some(args.prompt.clone()),
+            model: Some(id),
+            width: args.width.map(i128::from),
+            height: args.height.map(i128::from),
+            num_images: Some(i128::from(args.num_images)),
+            seed: Some(i128::from(args.seed.unwrap_or_else(rand::random))),
+            steps: args.steps.map(i128::from),
+            guidance_scale: args.guidance_scale.map(f64::from),
+            negative_prompt: Some(args.negative_prompt.clone()),
+            ..RawRequest::default()
         },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let job = valid.job;
+    let Some(p) = pipelines.iter().find(|p| p.name == job.pipeline) else {
+        bail!("pipeline '{}' has no weights configured", job.pipeline);
     };
-    let bar = ProgressBar::new(steps as u64);
+    let source: WeightSource = p.weights.parse()?;
+    if args.device.device.len() > 1 {
+        bail!("generate runs on one device; several (--device a,b) are for serve");
+    }
+    let mut opts = args.device.run_options().open()?;
+    opts.max_sequence_length = p.max_sequence_length;
+    let model = pipeline::load(&source, p.family.as_deref(), &opts)
+        .with_context(|| format!("cannot load {} from {}", p.name, p.weights))?;
+    let spec = job.spec;
+    let bar = ProgressBar::new(spec.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("denoising");
-    let images = model.generate(&spec, |done, _| bar.set_position(done as u64))?;
+    let images = denoise::generate(model.as_ref(), &spec, |done, _| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     for ((img, path), seed) in images
         .iter()
@@ -194,7 +147,8 @@ mod tests {
 
     #[test]
     fn formats_from_extension() {
-        assert_eq!(format_of(Path::new("x.JPG")).ok(), Some(Format::Jpeg));
+        assert_eq!(format_of(Path::new("x.JPG")).ok(), Some(ImageFormat::Jpeg));
+        assert_eq!(format_of(Path::new("x.jpeg")).ok(), Some(ImageFormat::Jpeg));
         assert!(format_of(Path::new("x.gif")).is_err());
     }
 }

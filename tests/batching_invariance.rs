@@ -7,13 +7,10 @@ mod common;
 
 use std::time::Duration;
 
+use diffusiond::catalog::Pipeline;
 use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use diffusiond::pipeline::{Guidance, ZImage};
-use diffusiond::scheduler::{self, Job, PipelineConfig, SchedulerConfig};
-
-fn load() -> ZImage {
-    common::load(common::tiny_dir())
-}
+use diffusiond::pipeline::{DeviceSpec, Family, Guidance, RunOptions};
+use diffusiond::scheduler::{self, Job, SchedulerConfig};
 
 /// Three requests of different prompt lengths (so different caption padding), seeds and steps.
 fn specs() -> Vec<GenerateSpec> {
@@ -33,7 +30,7 @@ fn specs() -> Vec<GenerateSpec> {
     ]
 }
 
-fn run_all(model: &ZImage, items: &mut [DenoiseItem]) {
+fn run_all(model: &dyn Family, items: &mut [DenoiseItem]) {
     while items.iter().any(|i| !i.is_done()) {
         let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
         denoise::step(model, &mut refs).unwrap();
@@ -41,27 +38,65 @@ fn run_all(model: &ZImage, items: &mut [DenoiseItem]) {
 }
 
 #[test]
-fn alone_together_and_joining_mid_loop_agree() {
-    let model = load();
-    let specs = specs();
-    let conds: Vec<_> = specs.iter().map(|s| model.condition(s).unwrap()).collect();
+fn z_image_alone_together_and_joining_mid_loop_agree() {
+    let model = common::load(common::tiny_dir());
+    alone_together_and_joining_mid_loop_agree(&model, &specs());
+}
+
+#[test]
+fn flux2_klein_alone_together_and_joining_mid_loop_agree() {
+    let dir = std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
+        })
+        .join("tiny");
+    let opts = RunOptions {
+        device: DeviceSpec::Cpu,
+        ..RunOptions::default()
+    }
+    .open()
+    .unwrap();
+    let model =
+        diffusiond::pipeline::load(&diffusiond::pipeline::WeightSource::Local(dir), None, &opts)
+            .unwrap();
+    assert_eq!(model.info().family, "flux2-klein");
+    // FLUX.2 pads every prompt to the same length; steps differ, so items leave at different
+    // times, and the schedules differ (mu depends on the step count).
+    let specs: Vec<GenerateSpec> = specs()
+        .into_iter()
+        .zip([4usize, 3, 2])
+        .map(|(mut s, steps)| {
+            s.steps = steps;
+            s
+        })
+        .collect();
+    alone_together_and_joining_mid_loop_agree(model.as_ref(), &specs);
+}
+
+/// Run `specs` alone, all together, and joining a running batch mid-loop: identical bytes.
+fn alone_together_and_joining_mid_loop_agree(model: &dyn Family, specs: &[GenerateSpec]) {
+    let conds: Vec<_> = specs
+        .iter()
+        .map(|s| denoise::condition(model, s).unwrap())
+        .collect();
     let make = || -> Vec<Vec<DenoiseItem>> {
         specs
             .iter()
             .zip(&conds)
-            .map(|(s, c)| model.items(s, c).unwrap())
+            .map(|(s, c)| denoise::items(model, s, c).unwrap())
             .collect()
     };
 
     // Alone: each request's images in their own loop.
     let mut alone = make();
     for items in alone.iter_mut() {
-        run_all(&model, items);
+        run_all(model, items);
     }
 
     // Together: every image of every request in one loop from the start.
     let mut together: Vec<DenoiseItem> = make().into_iter().flatten().collect();
-    run_all(&model, &mut together);
+    run_all(model, &mut together);
 
     // Joining: request 0 starts alone; request 1 joins after 2 steps, request 2 after 3 more.
     let mut groups = make().into_iter();
@@ -73,7 +108,7 @@ fn alone_together_and_joining_mid_loop_agree() {
             running.extend(waiting.remove(0));
         }
         let mut refs: Vec<&mut DenoiseItem> = running.iter_mut().collect();
-        denoise::step(&model, &mut refs).unwrap();
+        denoise::step(model, &mut refs).unwrap();
         turn += 1;
     }
 
@@ -86,13 +121,13 @@ fn alone_together_and_joining_mid_loop_agree() {
     println!("max latent difference alone vs batched: {worst:e}");
     assert!(worst <= 1e-5, "latents differ by {worst}");
 
-    let img_alone = denoise::decode(&model, &alone_flat).unwrap();
-    let img_together = denoise::decode(&model, &together.iter().collect::<Vec<_>>()).unwrap();
-    let img_joined = denoise::decode(&model, &running.iter().collect::<Vec<_>>()).unwrap();
+    let img_alone = denoise::decode(model, &alone_flat).unwrap();
+    let img_together = denoise::decode(model, &together.iter().collect::<Vec<_>>()).unwrap();
+    let img_joined = denoise::decode(model, &running.iter().collect::<Vec<_>>()).unwrap();
     // Decoding alone vs in a batch must not matter either.
     let img_single: Vec<_> = alone_flat
         .iter()
-        .flat_map(|i| denoise::decode(&model, &[*i]).unwrap())
+        .flat_map(|i| denoise::decode(model, &[*i]).unwrap())
         .collect();
     assert_eq!(img_alone, img_together, "together changed image bytes");
     assert_eq!(
@@ -107,10 +142,18 @@ fn alone_together_and_joining_mid_loop_agree() {
 #[test]
 fn scheduler_batches_without_changing_images() {
     let cfg = SchedulerConfig {
-        pipelines: vec![PipelineConfig {
+        pipelines: vec![Pipeline {
             name: "z".into(),
-            source: common::tiny_dir().display().to_string(),
+            weights: common::tiny_dir().display().to_string(),
+            family: None,
+            max_sequence_length: None,
+            steps: 8,
+            guidance_scale: 0.0,
         }],
+        run: RunOptions {
+            device: DeviceSpec::Cpu,
+            ..RunOptions::default()
+        },
         queue_capacity: 16,
         max_batch_images: 16,
         warmup: false,
@@ -121,15 +164,17 @@ fn scheduler_batches_without_changing_images() {
         .enable_all()
         .build()
         .unwrap();
-    let job = |prompt: &str, seed: u64, steps: u32| Job {
+    let job = |prompt: &str, seed: u64, steps: usize| Job {
         pipeline: "z".into(),
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        width: 64,
-        height: 64,
-        seeds: vec![seed, seed + 1],
-        steps,
-        guidance_scale: 0.0,
+        spec: GenerateSpec {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            seeds: vec![seed, seed + 1],
+            steps,
+            guidance: Guidance::none(),
+        },
     };
     let jobs = [
         job("a red fox", 11, 8),

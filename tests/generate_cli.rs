@@ -2,15 +2,22 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod server_support;
 
 use std::process::Command;
 
-use candle_core::{DType, Device};
-use diffusiond::pipeline::{GenerateSpec, Guidance, ModelFiles, WeightSource, ZImage};
+use diffusiond::pipeline::{denoise, GenerateSpec, Guidance};
 
+/// Run `diffusiond generate` with the test catalog (the shipped one, sizes scaled for the tiny
+/// model) and `args`.
 fn generate(args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = server_support::write_test_catalog(dir.path());
     Command::new(env!("CARGO_BIN_EXE_diffusiond"))
         .arg("generate")
+        .arg("--catalog")
+        .arg(&catalog)
+        .args(["--device", "cpu"])
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -39,22 +46,21 @@ fn writes_the_library_images_for_the_seed() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let files = ModelFiles::open(&WeightSource::Local(common::tiny_dir())).unwrap();
-    let model = ZImage::load(&files, &Device::Cpu, DType::F32).unwrap();
-    let want = model
-        .generate(
-            &GenerateSpec {
-                prompt: "a red fox sitting in the snow".into(),
-                negative_prompt: String::new(),
-                width: 96,
-                height: 64,
-                seeds: vec![7, 8],
-                steps: 8,
-                guidance: Guidance::none(),
-            },
-            |_, _| {},
-        )
-        .unwrap();
+    let model = common::load(common::tiny_dir());
+    let want = denoise::generate(
+        &model,
+        &GenerateSpec {
+            prompt: "a red fox sitting in the snow".into(),
+            negative_prompt: String::new(),
+            width: 96,
+            height: 64,
+            seeds: vec![7, 8],
+            steps: 8,
+            guidance: Guidance::none(),
+        },
+        |_, _| {},
+    )
+    .unwrap();
     for (i, w) in want.iter().enumerate() {
         let img = image::open(dir.path().join(format!("fox_{i}.png")))
             .unwrap()
@@ -110,7 +116,7 @@ fn bad_arguments_get_one_line_and_a_failure() {
                 "--out",
                 out,
             ],
-            "multiples of 16",
+            "multiple of 16",
         ),
         (
             vec!["--model", "nope", "--prompt", "x", "--out", out],

@@ -13,7 +13,17 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use diffusiond::pipeline;
+use diffusiond::pipeline::{self, DeviceSpec, Family, RunOptions};
+
+/// Load a source on the CPU in f32, the family from its `model_index.json`.
+fn load(source: &str) -> pipeline::Result<Box<dyn Family>> {
+    let opts = RunOptions {
+        device: DeviceSpec::Cpu,
+        ..RunOptions::default()
+    }
+    .open()?;
+    pipeline::load(&source.parse()?, None, &opts)
+}
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -91,7 +101,7 @@ fn hub_download_cache_offline_and_errors() {
     std::env::remove_var("HF_TOKEN");
 
     // Online: downloads through hf-hub into the cache, then loads.
-    let model = pipeline::load_z_image("hf:test-org/tiny-z-image", "cpu", None).unwrap();
+    let model = load("hf:test-org/tiny-z-image").unwrap();
     assert!(
         hits.load(Ordering::SeqCst) >= 10,
         "files were not fetched from the hub"
@@ -115,7 +125,7 @@ fn hub_download_cache_offline_and_errors() {
     // Offline: the cache alone is enough, and the server sees no request.
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let before = hits.load(Ordering::SeqCst);
-    pipeline::load_z_image("hf:test-org/tiny-z-image", "cpu", None).unwrap();
+    load("hf:test-org/tiny-z-image").unwrap();
     assert_eq!(
         hits.load(Ordering::SeqCst),
         before,
@@ -123,10 +133,7 @@ fn hub_download_cache_offline_and_errors() {
     );
 
     // Offline and not cached: a clear error naming the file.
-    let err = pipeline::load_z_image("hf:test-org/other", "cpu", None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load("hf:test-org/other").err().unwrap().to_string();
     assert!(
         err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"),
         "{err}"
@@ -138,10 +145,7 @@ fn hub_download_cache_offline_and_errors() {
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     std::env::set_var("HF_ENDPOINT", format!("http://{dead_addr}"));
-    let err = pipeline::load_z_image("hf:test-org/unreachable", "cpu", None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load("hf:test-org/unreachable").err().unwrap().to_string();
     assert!(
         err.contains("cannot fetch model_index.json from hf:test-org/unreachable"),
         "{err}"

@@ -5,20 +5,27 @@
 //!   4 heads, 3+2+2 layers, FFN 277, text encoder 80/3 layers, VAE [8,16,16,24] x 1 layer).
 //!
 //! Every case of `cases/index.json` runs through the library with the case's own initial latents
-//! and parameters. Tolerances follow section 10 of the reference README, with headroom.
+//! and parameters (its `max_sequence_length` included). Tolerances follow section 10 of the
+//! reference README, with headroom.
+//!
+//! FLUX.2 [klein]: [`flux2`], every set of [`flux2_sets`].
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "reference_parity/flux2.rs"]
+mod flux2;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use diffusiond::pipeline::denoise::{self, Conditioning, DenoiseItem};
+use candle_core::{DType, Device, Tensor};
+use diffusiond::pipeline::denoise::{self, DenoiseItem};
+use diffusiond::pipeline::family::LoadOptions;
 use diffusiond::pipeline::image::to_rgb8;
 use diffusiond::pipeline::sampler::{self, Guidance};
 use diffusiond::pipeline::z_image::transformer::ItemInput;
-use diffusiond::pipeline::ZImage;
+use diffusiond::pipeline::Conditioning;
+use diffusiond::pipeline::{ModelFiles, WeightSource, ZImage};
 use serde_json::Value;
 
 const TOL_EMBEDS: f32 = 2e-5;
@@ -153,7 +160,10 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
     let b = init.dim(0).unwrap();
     assert_eq!(b, prompts.len() * n_per, "{name}: batch size");
     let conds: Vec<Conditioning> = (0..prompts.len())
-        .map(|p| Conditioning::new(caps[p].clone(), negs.get(p).cloned()))
+        .map(|p| Conditioning {
+            positive: model.refine_caption(&caps[p]).unwrap(),
+            negative: negs.get(p).map(|n| model.refine_caption(n).unwrap()),
+        })
         .collect();
     let mut items: Vec<DenoiseItem> = (0..b)
         .map(|k| {
@@ -161,7 +171,7 @@ fn run_case(model: &ZImage, case: &Case) -> Errors {
                 model,
                 init.get(k).unwrap(),
                 conds[k / n_per].clone(),
-                steps,
+                sigmas.clone(),
                 guidance,
             )
             .unwrap()
@@ -264,7 +274,8 @@ fn run_reference_dir(dir: &Path) {
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases/index.json")).unwrap())
             .unwrap();
-    let model = common::load(dir.join("tiny"));
+    // One model per prompt length the cases ask for.
+    let mut models: HashMap<usize, ZImage> = HashMap::new();
     let names: Vec<String> = index["cases"]
         .as_array()
         .unwrap()
@@ -288,7 +299,11 @@ fn run_reference_dir(dir: &Path) {
             json,
             t,
         };
-        let e = run_case(&model, &case);
+        let max_len = case.f("max_sequence_length") as usize;
+        let model = models
+            .entry(max_len)
+            .or_insert_with(|| load_z_image(&dir.join("tiny"), max_len));
+        let e = run_case(model, &case);
         println!(
             "case {name}: embeds={:.3e} step0={:.3e} latents={:.3e} image_u8_mismatch={}",
             e.embeds, e.step0, e.latents, e.mismatch
@@ -315,6 +330,18 @@ fn run_reference_dir(dir: &Path) {
     );
 }
 
+/// The tiny Z-Image cutting prompts at `max_len` tokens.
+fn load_z_image(dir: &Path, max_len: usize) -> ZImage {
+    let files = ModelFiles::open(&WeightSource::Local(dir.to_path_buf())).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        offload_text_encoder: false,
+        max_sequence_length: Some(max_len),
+    };
+    ZImage::load_opts(&files, &opts).unwrap()
+}
+
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -327,4 +354,20 @@ fn public_reference_cases() {
 #[test]
 fn alt_architecture_reference_cases() {
     run_reference_dir(&crate_dir().join("tests/fixtures/reference-alt"));
+}
+
+/// The FLUX.2 fixture sets: the public one (`$DIFFUSIOND_REFERENCE_FLUX2`) and our own second
+/// set (`tests/fixtures/reference-flux2-alt`: seed 5, other dimensions; see its README).
+fn flux2_sets() -> Vec<PathBuf> {
+    vec![
+        flux2::reference_dir(),
+        crate_dir().join("tests/fixtures/reference-flux2-alt"),
+    ]
+}
+
+#[test]
+fn flux2_reference_cases() {
+    for dir in flux2_sets() {
+        flux2::run_reference_dir(&dir);
+    }
 }

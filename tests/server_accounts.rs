@@ -295,3 +295,44 @@ fn keys_cli() {
     let bad = ws.keys_raw(&["create", "--credits", "-5"]);
     assert!(!bad.status.success());
 }
+
+/// Finding 5 of issue 15: `keys list` (revoke, add-credits) against a mistyped --data-dir created
+/// an empty database there and went on; now it fails and creates nothing. A huge amount is refused and writes nothing.
+#[test]
+fn keys_cli_refuses_a_mistyped_data_dir_and_huge_amounts() {
+    let ws = Workspace::new();
+    let key = ws.create_key(100, None);
+    let run = |dir: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(server_support::BIN)
+            .arg("keys")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .env_remove("DIFFUSIOND_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let missing = ws.dir.path().join("dataa");
+    for args in [
+        &["list"][..],
+        &["revoke", &key],
+        &["add-credits", &key, "5"],
+    ] {
+        let out = run(&missing, args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+    let empty = ws.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run(&empty, &["list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no accounts database"));
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+
+    let out = ws.keys_raw(&["add-credits", &key, "9223372036854775807"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(&key[8..]), "the key is echoed: {err}");
+    // Nothing was written, and every key is still listed.
+    assert_eq!(ws.balance_and_used(&key), (100, 0));
+}

@@ -97,14 +97,18 @@ fn unknown_fields_and_nulls_are_ignored() {
         "aspect_ratio": "1:1", "width": null, "seed": null, "output_format": null});
     let v = server.post(&body.to_string(), None).success();
     assert_eq!(v["credits_used"], 800);
-    // The Content-Type is not needed either (curl -d sends a form type).
+    // A JSON body sent with another Content-Type (what `curl -d` without -H sends, or a page on
+    // another site posting `text/plain`) is refused with 415 in the contract's JSON (issue 15,
+    // finding 6): a form type is what a browser sends cross-site without a preflight.
     let r = reqwest::blocking::Client::new()
         .post(format!("{}/v1/generate", server.base))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(HOSTED_EXAMPLE)
         .send()
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.status().as_u16(), 415);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_media_type", "{v}");
 }
 
 #[test]
@@ -335,17 +339,41 @@ fn models_health_and_metrics() {
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
+    // flux-2-pro is served by FLUX.2 [klein], loaded when first asked for; the rest by
+    // Z-Image-Turbo, loaded (and warmed) at start.
     for m in models {
-        assert_eq!(m["pipeline"], "z-image-turbo");
-        assert_eq!(m["loaded"], true);
+        if m["id"] == "flux-2-pro" {
+            assert_eq!(m["pipeline"], "flux2-klein");
+            assert_eq!(m["family"], "flux2-klein");
+            assert_eq!(m["loaded"], false);
+        } else {
+            assert_eq!(m["pipeline"], "z-image-turbo");
+            assert_eq!(m["family"], "z-image");
+            assert_eq!(m["loaded"], true);
+        }
     }
     let flux = models.iter().find(|m| m["id"] == "flux-2-pro").unwrap();
     assert_eq!(flux["credits_per_image"], 250);
     assert_eq!(flux["size_step"], 16);
     let gpt = models.iter().find(|m| m["id"] == "gpt-image-2").unwrap();
     assert_eq!(gpt["pricing"]["credits_per_image"]["2k"]["low"], 100);
+    assert_eq!(health.json()["pipelines_loaded"], json!(["z-image-turbo"]));
 
     server.post(HOSTED_EXAMPLE, None).success();
+    let v = server.get("/v1/models", None).json();
+    let flux = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "flux-2-pro")
+        .unwrap()
+        .clone();
+    assert_eq!(flux["loaded"], true, "FLUX.2 loaded for the request");
+    let loaded = server.get("/health", None).json()["pipelines_loaded"].clone();
+    assert_eq!(
+        loaded[0], "flux2-klein",
+        "most recently used first: {loaded}"
+    );
     let metrics = server.get("/metrics", None);
     assert_eq!(metrics.status, 200);
     let text = String::from_utf8(metrics.bytes).unwrap();
@@ -430,6 +458,7 @@ fn auth_defaults_to_keys_off_loopback() {
     let r = reqwest::blocking::Client::new()
         .post(format!("{local}/v1/generate"))
         .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
         .body(HOSTED_EXAMPLE)
         .send()
         .unwrap();

@@ -192,7 +192,7 @@ fn a_generation_through_the_playground_completes_in_chromium() {
     set("model", "flux-2-pro");
     set("num_images", "2");
     set("seed", "42");
-    set("steps", "6");
+    set("steps", "4");
     d.js("document.getElementById('go').click(); return true;");
     d.wait_for(
         "document.querySelectorAll('#results img').length === 2 && \

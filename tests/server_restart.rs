@@ -103,6 +103,7 @@ fn a_crash_mid_request_is_refunded_at_the_next_start() {
             reqwest::blocking::Client::new()
                 .post(format!("{addr}/v1/generate"))
                 .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
                 .body(body)
                 .send()
         }
@@ -137,6 +138,11 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
         .arg(format!(
             "z-image-turbo={}",
             server_support::tiny_model().display()
+        ))
+        .arg("--weights")
+        .arg(format!(
+            "flux2-klein={}",
+            server_support::tiny_flux2_model().display()
         ))
         .output()
         .unwrap();

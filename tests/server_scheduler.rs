@@ -25,8 +25,8 @@ fn metric(text: &str, name: &str) -> f64 {
 fn a_client_that_disconnects_is_dropped_and_refunded() {
     let ws = Workspace::new();
     let server = ws.serve(&["--auth", "keys"]);
-    let key = ws.create_key(1_000, None);
-    // Many steps, so the job is still denoising when the client goes away.
+    let key = ws.create_key(10_000, None);
+    // Many steps (100 of the default 8: 1250 credits an image, 5000 in all), so the job is still denoising when the client goes away.
     let body = json!({"prompt": "a slow one", "model": "z-image-turbo", "width": 128,
                       "height": 128, "steps": 100, "num_images": 4})
     .to_string();
@@ -65,7 +65,7 @@ fn a_client_that_disconnects_is_dropped_and_refunded() {
     }
     // Refunded: the balance is whole again and the request counts against no quota.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ws.balance_and_used(&key) != (1_000, 0) {
+    while ws.balance_and_used(&key) != (10_000, 0) {
         assert!(
             Instant::now() < deadline,
             "not refunded: {:?}",

@@ -6,8 +6,9 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
-use diffusiond::pipeline::{GenerateSpec, Guidance, ModelFiles, WeightSource, ZImage};
+use diffusiond::pipeline::{
+    self, DeviceSpec, Family, GenerateSpec, Guidance, RunOptions, WeightSource,
+};
 
 /// The reference benchmark's prompt (27 tokens).
 pub const PROMPT: &str =
@@ -25,10 +26,16 @@ pub fn bench_model_dir() -> Option<PathBuf> {
     }
 }
 
-pub fn load(dir: &std::path::Path) -> ZImage {
-    diffusiond::pipeline::device::init_cpu_runtime();
-    let files = ModelFiles::open(&WeightSource::Local(dir.to_path_buf())).expect("bench model");
-    ZImage::load(&files, &Device::Cpu, DType::F32).expect("load bench model")
+/// Load a model directory of any family on the CPU in f32.
+pub fn load(dir: &std::path::Path) -> Box<dyn Family> {
+    pipeline::device::init_cpu_runtime();
+    let opts = RunOptions {
+        device: DeviceSpec::Cpu,
+        ..RunOptions::default()
+    }
+    .open()
+    .expect("cpu");
+    pipeline::load(&WeightSource::Local(dir.to_path_buf()), None, &opts).expect("load bench model")
 }
 
 /// The reference workload: 256x256, 9 steps, no guidance.

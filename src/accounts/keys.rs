@@ -14,6 +14,14 @@ const ID_PREFIX: &str = "key_";
 /// Characters of a key kept in clear, to recognise it in `keys list`.
 const SHOWN_PREFIX_LEN: usize = 8;
 
+/// The largest balance a key may hold, and so the most credits one command may give: 10^15.
+/// (Far below where 64-bit sums overflow, which SQLite would silently turn into floats.)
+pub const MAX_CREDITS: i64 = 1_000_000_000_000_000;
+/// The largest daily quota: 10^9 requests.
+pub const MAX_DAILY_QUOTA: i64 = 1_000_000_000;
+/// Characters in a key's name at most.
+pub const MAX_NAME_CHARS: usize = 200;
+
 /// What `keys create` asks for.
 #[derive(Debug, Clone)]
 pub struct NewKey {
@@ -74,16 +82,20 @@ fn info_from_row(row: &SqliteRow) -> Result<KeyInfo, sqlx::Error> {
 impl Accounts {
     /// Create a key with starting credits and an optional daily quota.
     pub async fn create_key(&self, new: NewKey) -> Result<CreatedKey, AccountsError> {
-        if new.credits < 0 {
-            return Err(AccountsError::InvalidArgument(
-                "credits must not be negative".into(),
-            ));
+        if !(0..=MAX_CREDITS).contains(&new.credits) {
+            return Err(AccountsError::InvalidArgument(format!(
+                "credits must be between 0 and {MAX_CREDITS}"
+            )));
         }
-        if new.daily_quota.is_some_and(|q| q < 1) {
-            return Err(AccountsError::InvalidArgument(
-                "the daily quota must be at least 1".into(),
-            ));
+        if new
+            .daily_quota
+            .is_some_and(|q| !(1..=MAX_DAILY_QUOTA).contains(&q))
+        {
+            return Err(AccountsError::InvalidArgument(format!(
+                "the daily quota must be between 1 and {MAX_DAILY_QUOTA}"
+            )));
         }
+        check_name(&new.name)?;
         let secret = new_secret();
         let id = format!(
             "{ID_PREFIX}{}",
@@ -139,13 +151,7 @@ impl Accounts {
         }
         .fetch_optional(&self.pool)
         .await?;
-        // Never echo a secret back in an error message.
-        let shown = if key_or_id.starts_with(KEY_PREFIX) {
-            "(the given key)"
-        } else {
-            key_or_id
-        };
-        let row = row.ok_or_else(|| AccountsError::NotFound(shown.to_string()))?;
+        let row = row.ok_or_else(|| AccountsError::NotFound(shown(key_or_id)))?;
         Ok(row.try_get("id")?)
     }
 
@@ -166,17 +172,26 @@ impl Accounts {
         key_or_id: &str,
         credits: i64,
     ) -> Result<KeyInfo, AccountsError> {
-        if credits <= 0 {
-            return Err(AccountsError::InvalidArgument(
-                "credits to add must be positive".into(),
-            ));
+        if !(1..=MAX_CREDITS).contains(&credits) {
+            return Err(AccountsError::InvalidArgument(format!(
+                "credits to add must be between 1 and {MAX_CREDITS}"
+            )));
         }
         let id = self.resolve(key_or_id).await?;
-        sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ?")
-            .bind(credits)
-            .bind(&id)
-            .execute(&self.pool)
-            .await?;
+        // The bound is checked in the same statement, so nothing is written past it.
+        let added =
+            sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ? AND balance <= ?")
+                .bind(credits)
+                .bind(&id)
+                .bind(MAX_CREDITS - credits)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        if added == 0 {
+            return Err(AccountsError::InvalidArgument(format!(
+                "the balance would exceed the maximum of {MAX_CREDITS} credits; nothing was added"
+            )));
+        }
         self.key_info(&id).await
     }
 
@@ -199,6 +214,37 @@ impl Accounts {
             daily_quota: row.try_get("daily_quota")?,
         })
     }
+}
+
+/// A key or ID as it may appear in a message: an ID (`key_` and letters or digits) whole,
+/// anything else (a key, or a key mistyped) by its first characters only, control characters
+/// escaped.
+fn shown(key_or_id: &str) -> String {
+    let is_id = key_or_id.starts_with(ID_PREFIX)
+        && key_or_id.len() <= 40
+        && key_or_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if is_id {
+        return key_or_id.to_string();
+    }
+    let prefix: String = key_or_id.chars().take(SHOWN_PREFIX_LEN).collect();
+    format!("{}...", prefix.escape_default())
+}
+
+/// Names are shown in terminals: no control characters (a newline, an escape sequence).
+fn check_name(name: &str) -> Result<(), AccountsError> {
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(AccountsError::InvalidArgument(format!(
+            "the name must have at most {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AccountsError::InvalidArgument(
+            "the name must not contain control characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -285,5 +331,68 @@ mod tests {
         let (_dir, acc) = open_temp().await;
         assert!(acc.create_key(new_key(-1, None)).await.is_err());
         assert!(acc.create_key(new_key(1, Some(0))).await.is_err());
+        assert!(acc
+            .create_key(new_key(MAX_CREDITS + 1, None))
+            .await
+            .is_err());
+        assert!(acc
+            .create_key(new_key(1, Some(MAX_DAILY_QUOTA + 1)))
+            .await
+            .is_err());
+        assert!(acc.list_keys().await.unwrap().is_empty());
+    }
+
+    /// Finding 5 of issue 15: i64::MAX credits were accepted and stored as a float, after which
+    /// `keys list` failed for every key. Amounts are bounded, and a refused one writes nothing.
+    #[tokio::test]
+    async fn credits_are_bounded_and_a_refusal_writes_nothing() {
+        let (_dir, acc) = open_temp().await;
+        let k = acc.create_key(new_key(10, None)).await.unwrap();
+        for bad in [i64::MAX, MAX_CREDITS + 1, -5, 0] {
+            let e = acc.add_credits(&k.info.id, bad).await.unwrap_err();
+            assert!(matches!(e, AccountsError::InvalidArgument(_)), "{bad}: {e}");
+        }
+        // Up to the bound, not past it.
+        acc.add_credits(&k.info.id, MAX_CREDITS - 10).await.unwrap();
+        let e = acc.add_credits(&k.info.id, 1).await.unwrap_err();
+        assert!(e.to_string().contains("exceed"), "{e}");
+        let list = acc.list_keys().await.unwrap();
+        assert_eq!(list[0].balance, MAX_CREDITS);
+        // And the key still pays: a reservation is deducted exactly.
+        let a = acc.authenticate(&k.secret).await.unwrap();
+        let now = chrono::Utc::now();
+        acc.reserve(&a, "req_x", 7, now).await.unwrap();
+        assert_eq!(
+            acc.key_info(&k.info.id).await.unwrap().balance,
+            MAX_CREDITS - 7
+        );
+    }
+
+    #[tokio::test]
+    async fn names_with_control_characters_are_refused() {
+        let (_dir, acc) = open_temp().await;
+        for bad in ["a\nb", "\u{1b}[31mred", "tab\there", "nul\0"] {
+            let mut k = new_key(1, None);
+            k.name = bad.into();
+            assert!(acc.create_key(k).await.is_err(), "{bad:?}");
+        }
+        let mut k = new_key(1, None);
+        k.name = "équipe 1 — images".into();
+        acc.create_key(k).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn errors_show_keys_only_by_prefix() {
+        let (_dir, acc) = open_temp().await;
+        let secret = "dk_ThisIsASecretThatDoesNotExist0123456789abc";
+        let e = acc.revoke(secret).await.unwrap_err().to_string();
+        assert!(e.contains("dk_ThisI...") && !e.contains("Secret"), "{e}");
+        // A key pasted without its dk_ prefix is still a secret.
+        let e = acc.revoke(&secret[3..]).await.unwrap_err().to_string();
+        assert!(!e.contains("Secret"), "{e}");
+        let e = acc.revoke("key_missing").await.unwrap_err().to_string();
+        assert!(e.contains("'key_missing'"), "{e}");
+        let e = acc.revoke("x\u{1b}[2J").await.unwrap_err().to_string();
+        assert!(!e.contains('\u{1b}'), "{e}");
     }
 }

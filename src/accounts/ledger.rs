@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::write::WriteTx;
 use super::{quota, unix_now, Account, Accounts, AccountsError};
 
 /// Credits and a quota slot taken for one request, until settled or refunded.
@@ -29,73 +30,8 @@ impl Accounts {
     ) -> Result<Reservation, AccountsError> {
         let day = quota::day_of(now);
         let mut tx = self.begin_write().await?;
-
-        // Count the request, unless the quota is used up (the WHERE makes the upsert a no-op).
-        const COUNT: &str = "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
-             ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1";
-        const COUNT_UNDER_QUOTA: &str =
-            "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
-             ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1 \
-             WHERE daily_usage.requests < ?";
-        let counted = match account.daily_quota {
-            Some(quota) => sqlx::query(COUNT_UNDER_QUOTA)
-                .bind(&account.id)
-                .bind(&day)
-                .bind(quota),
-            None => sqlx::query(COUNT).bind(&account.id).bind(&day),
-        }
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if let (0, Some(quota)) = (counted, account.daily_quota) {
-            tx.rollback().await?;
-            return Err(AccountsError::QuotaExceeded {
-                quota,
-                retry_after_secs: quota::seconds_until_next_day(now),
-            });
-        }
-
-        let charged = sqlx::query(
-            "UPDATE api_keys SET balance = balance - ? WHERE id = ? AND revoked_at IS NULL AND balance >= ?",
-        )
-        .bind(credits)
-        .bind(&account.id)
-        .bind(credits)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if charged == 0 {
-            let row = sqlx::query("SELECT balance, revoked_at FROM api_keys WHERE id = ?")
-                .bind(&account.id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            tx.rollback().await?;
-            let Some(row) = row else {
-                return Err(AccountsError::UnknownKey);
-            };
-            if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
-                return Err(AccountsError::RevokedKey);
-            }
-            return Err(AccountsError::InsufficientCredits {
-                needed: credits,
-                balance: row.try_get("balance")?,
-            });
-        }
-
-        let now_secs = unix_now();
-        sqlx::query(
-            "INSERT INTO charges (request_id, key_id, day, credits, status, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, 'reserved', ?, ?)",
-        )
-        .bind(request_id)
-        .bind(&account.id)
-        .bind(&day)
-        .bind(credits)
-        .bind(now_secs)
-        .bind(now_secs)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let outcome = reserve_in(&mut tx, account, request_id, credits, &day, now).await;
+        self.finish(tx, outcome).await?;
         Ok(Reservation {
             request_id: request_id.to_string(),
             key_id: account.id.clone(),
@@ -106,11 +42,12 @@ impl Accounts {
 
     /// The request succeeded: the reserved credits stay spent.
     pub async fn settle(&self, r: &Reservation) -> Result<(), AccountsError> {
-        sqlx::query("UPDATE charges SET status = 'settled', updated_at = ? WHERE request_id = ? AND status = 'reserved'")
+        let settled = sqlx::query("UPDATE charges SET status = 'settled', updated_at = ? WHERE request_id = ? AND status = 'reserved'")
             .bind(unix_now())
             .bind(&r.request_id)
             .execute(&self.pool)
-            .await?;
+            .await;
+        self.health.note(settled)?;
         Ok(())
     }
 
@@ -118,28 +55,8 @@ impl Accounts {
     /// settling, changes nothing.
     pub async fn refund(&self, r: &Reservation) -> Result<(), AccountsError> {
         let mut tx = self.begin_write().await?;
-        let flipped = sqlx::query(
-            "UPDATE charges SET status = 'refunded', updated_at = ? WHERE request_id = ? AND status = 'reserved'",
-        )
-        .bind(unix_now())
-        .bind(&r.request_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if flipped == 1 {
-            sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ?")
-                .bind(r.credits)
-                .bind(&r.key_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE daily_usage SET requests = requests - 1 WHERE key_id = ? AND day = ? AND requests > 0")
-                .bind(&r.key_id)
-                .bind(&r.day)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let outcome = refund_in(&mut tx, r).await;
+        self.finish(tx, outcome).await
     }
 
     /// Refund every reservation left open by a server that stopped mid-request. Call at start,
@@ -163,10 +80,110 @@ impl Accounts {
     }
 }
 
+/// The statements of [`Accounts::reserve`], inside its transaction.
+async fn reserve_in(
+    tx: &mut WriteTx,
+    account: &Account,
+    request_id: &str,
+    credits: i64,
+    day: &str,
+    now: DateTime<Utc>,
+) -> Result<(), AccountsError> {
+    // Count the request, unless the quota is used up (the WHERE makes the upsert a no-op).
+    const COUNT: &str = "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
+         ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1";
+    const COUNT_UNDER_QUOTA: &str =
+        "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
+         ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1 \
+         WHERE daily_usage.requests < ?";
+    let counted = match account.daily_quota {
+        Some(quota) => sqlx::query(COUNT_UNDER_QUOTA)
+            .bind(&account.id)
+            .bind(day)
+            .bind(quota),
+        None => sqlx::query(COUNT).bind(&account.id).bind(day),
+    }
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if let (0, Some(quota)) = (counted, account.daily_quota) {
+        return Err(AccountsError::QuotaExceeded {
+            quota,
+            retry_after_secs: quota::seconds_until_next_day(now),
+        });
+    }
+
+    let charged = sqlx::query(
+        "UPDATE api_keys SET balance = balance - ? WHERE id = ? AND revoked_at IS NULL AND balance >= ?",
+    )
+    .bind(credits)
+    .bind(&account.id)
+    .bind(credits)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if charged == 0 {
+        let row = sqlx::query("SELECT balance, revoked_at FROM api_keys WHERE id = ?")
+            .bind(&account.id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(AccountsError::UnknownKey);
+        };
+        if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+            return Err(AccountsError::RevokedKey);
+        }
+        return Err(AccountsError::InsufficientCredits {
+            needed: credits,
+            balance: row.try_get("balance")?,
+        });
+    }
+
+    let now_secs = unix_now();
+    sqlx::query(
+        "INSERT INTO charges (request_id, key_id, day, credits, status, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, 'reserved', ?, ?)",
+    )
+    .bind(request_id)
+    .bind(&account.id)
+    .bind(day)
+    .bind(credits)
+    .bind(now_secs)
+    .bind(now_secs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The statements of [`Accounts::refund`], inside its transaction.
+async fn refund_in(tx: &mut WriteTx, r: &Reservation) -> Result<(), AccountsError> {
+    let flipped = sqlx::query(
+        "UPDATE charges SET status = 'refunded', updated_at = ? WHERE request_id = ? AND status = 'reserved'",
+    )
+    .bind(unix_now())
+    .bind(&r.request_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if flipped == 1 {
+        sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ?")
+            .bind(r.credits)
+            .bind(&r.key_id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("UPDATE daily_usage SET requests = requests - 1 WHERE key_id = ? AND day = ? AND requests > 0")
+            .bind(&r.key_id)
+            .bind(&r.day)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::super::test_util::open_temp;
+    use super::super::test_util::{fill_up, free_space, open_small, open_temp};
     use super::super::NewKey;
     use super::*;
 
@@ -283,6 +300,68 @@ mod tests {
         let info = acc.key_info(&a.id).await.unwrap();
         assert_eq!((info.balance, info.used_today), (100, 0));
         assert_eq!(acc.refund_stale_reservations().await.unwrap(), 0);
+    }
+
+    /// Finding 1 of issue 15: a write that fails with SQLITE_FULL (SQLite rolls the transaction
+    /// back by itself) must not leave a pooled connection that can never begin again; once space
+    /// is freed the next reservations succeed and the ledger is exact.
+    #[tokio::test]
+    async fn a_full_database_does_not_poison_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = open_small(dir.path()).await;
+        let a = key(&acc, 1_000_000, Some(1_000_000)).await;
+        // Take most of the space with rows the test can delete later.
+        fill_up(&acc).await;
+        // Reserve until the database is full.
+        let mut reserved = 0i64;
+        let err = loop {
+            match acc.reserve(&a, &format!("req_{reserved}"), 3, noon()).await {
+                Ok(_) => reserved += 1,
+                Err(e) => break e,
+            }
+            assert!(reserved < 100_000, "the database never filled up");
+        };
+        assert!(matches!(err, AccountsError::Db(_)), "{err}");
+        assert!(err.to_string().contains("full"), "{err}");
+        let reason = acc.check_writable().await.unwrap_err();
+        assert!(reason.contains("full"), "{reason}");
+        // Still full: every attempt fails the same way, none is charged.
+        for i in 0..3 {
+            let e = acc.reserve(&a, &format!("full_{i}"), 3, noon()).await;
+            assert!(matches!(e, Err(AccountsError::Db(_))), "{e:?}");
+        }
+
+        // Free space: the next requests succeed on every pooled connection.
+        free_space(&acc).await;
+        acc.check_writable().await.unwrap();
+        for i in 0..20 {
+            let r = acc.reserve(&a, &format!("after_{i}"), 3, noon()).await;
+            let r = r.unwrap_or_else(|e| panic!("reserve {i} after freeing space: {e}"));
+            if i % 2 == 0 {
+                acc.refund(&r).await.unwrap();
+            } else {
+                acc.settle(&r).await.unwrap();
+            }
+        }
+        let kept = reserved + 10;
+        let info = acc.key_info(&a.id).await.unwrap();
+        assert_eq!(info.balance, 1_000_000 - 3 * kept);
+        let day = quota::day_of(noon());
+        let used: i64 =
+            sqlx::query_scalar("SELECT requests FROM daily_usage WHERE key_id = ? AND day = ?")
+                .bind(&a.id)
+                .bind(&day)
+                .fetch_one(&acc.pool)
+                .await
+                .unwrap();
+        assert_eq!(used, kept);
+        let charged: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(credits), 0) FROM charges WHERE status != 'refunded'",
+        )
+        .fetch_one(&acc.pool)
+        .await
+        .unwrap();
+        assert_eq!(charged, 3 * kept);
     }
 
     #[tokio::test]

@@ -28,6 +28,11 @@ pub struct Pipeline {
     pub name: String,
     /// `hf:ORG/REPO[@REV]` or a local directory.
     pub weights: String,
+    /// The model family (`z-image`, `flux2-klein`); `None`: read from the checkout's
+    /// `model_index.json`.
+    pub family: Option<String>,
+    /// Prompts are cut at this many tokens; `None`: the family's default.
+    pub max_sequence_length: Option<usize>,
     /// Default model evaluations.
     pub steps: u32,
     pub guidance_scale: f32,
@@ -183,7 +188,12 @@ mod tests {
         for (id, price) in expected {
             let m = c.model(id).unwrap();
             assert_eq!(m.pricing, Pricing::Flat(price), "{id}");
-            assert_eq!(m.pipeline, "z-image-turbo");
+            let want = if id == "flux-2-pro" {
+                "flux2-klein"
+            } else {
+                "z-image-turbo"
+            };
+            assert_eq!(m.pipeline, want, "{id}");
             assert_eq!(m.sizes.default, 1024);
             assert_eq!(m.sizes.step, 16);
         }
@@ -192,7 +202,11 @@ mod tests {
         assert_eq!(p.weights, "hf:Tongyi-MAI/Z-Image-Turbo");
         assert_eq!(p.steps, 8);
         assert_eq!(p.guidance_scale, 0.0);
-        assert_eq!(c.used_pipelines().len(), 1);
+        assert_eq!(c.used_pipelines().len(), 2);
+        let f = c.pipeline("flux2-klein").unwrap();
+        assert_eq!(f.weights, "hf:black-forest-labs/FLUX.2-klein-4B");
+        assert_eq!(f.family.as_deref(), Some("flux2-klein"));
+        assert_eq!(f.steps, 4);
     }
 
     #[test]

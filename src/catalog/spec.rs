@@ -9,6 +9,8 @@ use super::{Catalog, CatalogError, Model, Pipeline, Pricing, SizeRule, Tiered};
 
 /// Denoising steps a pipeline default or a quality may ask for.
 pub const STEPS_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+/// Prompt lengths (tokens after the chat template) a pipeline may be configured with.
+pub const MAX_SEQUENCE_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 1..=4096;
 /// Classifier-free guidance scales allowed.
 pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f32> = 0.0..=20.0;
 
@@ -25,6 +27,8 @@ struct CatalogFile {
 #[serde(deny_unknown_fields)]
 struct PipelineSpec {
     weights: String,
+    family: Option<String>,
+    max_sequence_length: Option<usize>,
     steps: u32,
     guidance_scale: f32,
 }
@@ -70,23 +74,56 @@ pub fn parse(name: &str, text: &str) -> Result<Catalog, CatalogError> {
         if !STEPS_RANGE.contains(&spec.steps) {
             return Err(at(
                 start,
-                format!("pipeline '{pname}': steps must be 1 to 100"),
+                format!(
+                    "pipeline '{pname}': steps must be {} to {}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end()
+                ),
             ));
         }
         if !spec.guidance_scale.is_finite() || !GUIDANCE_RANGE.contains(&spec.guidance_scale) {
             return Err(at(
                 start,
-                format!("pipeline '{pname}': guidance_scale must be 0 to 20"),
+                format!(
+                    "pipeline '{pname}': guidance_scale must be {} to {}",
+                    GUIDANCE_RANGE.start(),
+                    GUIDANCE_RANGE.end()
+                ),
             ));
         }
         if spec.weights.trim().is_empty() {
             return Err(at(start, format!("pipeline '{pname}': weights is empty")));
+        }
+        if let Some(f) = &spec.family {
+            if crate::pipeline::registry::family(f).is_err() {
+                return Err(at(
+                    start,
+                    format!(
+                        "pipeline '{pname}': unknown family '{f}' (supported: {})",
+                        crate::pipeline::registry::family_names()
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = spec.max_sequence_length {
+            if !MAX_SEQUENCE_LENGTH_RANGE.contains(&n) {
+                return Err(at(
+                    start,
+                    format!(
+                        "pipeline '{pname}': max_sequence_length must be {} to {}",
+                        MAX_SEQUENCE_LENGTH_RANGE.start(),
+                        MAX_SEQUENCE_LENGTH_RANGE.end()
+                    ),
+                ));
+            }
         }
         pipelines.insert(
             pname.clone(),
             Pipeline {
                 name: pname.clone(),
                 weights: spec.weights.clone(),
+                family: spec.family.clone(),
+                max_sequence_length: spec.max_sequence_length,
                 steps: spec.steps,
                 guidance_scale: spec.guidance_scale,
             },
@@ -249,7 +286,11 @@ fn check_tiered(
             ));
         }
         if !STEPS_RANGE.contains(steps) {
-            return Err(format!("model '{id}': quality_steps.{q} must be 1 to 100"));
+            return Err(format!(
+                "model '{id}': quality_steps.{q} must be {} to {}",
+                STEPS_RANGE.start(),
+                STEPS_RANGE.end()
+            ));
         }
     }
     let mut resolutions: Vec<(String, u32)> =

@@ -17,12 +17,21 @@ pub enum ApiError {
     /// The body is not JSON, not an object, or a field has the wrong JSON type.
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("the request body is larger than 64 KiB")]
+    #[error("the request body is larger than {} KiB", super::extract::MAX_BODY_BYTES / 1024)]
     TooLarge,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("the body must be sent with 'Content-Type: application/json'")]
+    UnsupportedMediaType,
+    #[error("requests to this host name are not accepted here (see --allowed-hosts)")]
+    HostNotAllowed,
+    #[error("requests from other web origins are not accepted here (see --cors-origin)")]
+    OriginNotAllowed,
+    /// A `Range` outside a file of this many bytes.
+    #[error("the requested range is outside the file ({0} bytes)")]
+    RangeNotSatisfiable(u64),
 }
 
 /// The error part of a response, for the middleware to render (and log, when `detail` is set).
@@ -118,6 +127,18 @@ impl ApiError {
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
             }
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                None,
+            ),
+            ApiError::HostNotAllowed => (StatusCode::FORBIDDEN, "host_not_allowed", None),
+            ApiError::OriginNotAllowed => (StatusCode::FORBIDDEN, "origin_not_allowed", None),
+            ApiError::RangeNotSatisfiable(_) => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                None,
+            ),
         }
     }
 }
@@ -162,6 +183,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, retry_after) = self.status_code();
         let mut res = status.into_response();
+        if let ApiError::RangeNotSatisfiable(len) = &self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                res.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
         if let Some(secs) = retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

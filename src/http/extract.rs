@@ -31,19 +31,40 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
-/// A request body that is a JSON object of at most 64 KiB, rejected with the contract's errors.
-/// The Content-Type is not checked (`curl -d` sends a form type), only the bytes.
+/// A request body: `Content-Type: application/json`, at most 64 KiB of JSON holding an object.
+/// The type is required because the others (a form, `text/plain`) are what a page on another
+/// site may make a browser send without asking the server first.
 pub struct JsonObject(pub Map<String, Value>);
+
+/// 415 unless the request says its body is JSON (`application/json`, parameters allowed).
+pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        // Any failure to read is reported as too large: the limit is the only way reading a body
-        // fails while the client still listens.
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::TooLarge)?;
+        require_json(req.headers())?;
+        // A declared length over the limit is refused before a byte of the body is read.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::TooLarge);
+        }
+        let bytes = read_body(req.into_body(), MAX_BODY_BYTES).await?;
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
         let Value::Object(obj) = value else {
@@ -53,4 +74,25 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         };
         Ok(JsonObject(obj))
     }
+}
+
+/// The body's bytes, at most `limit`: 413 beyond it, 400 when the body itself is malformed (a bad
+/// chunk, a connection cut mid-body), which is the client's error, not its size.
+async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body::Body as _;
+    let mut buf = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| {
+            ApiError::InvalidRequest(format!("the request body could not be read: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
 }

@@ -1,8 +1,10 @@
-//! HTTP response counters by method, route, status and error code (Prometheus text).
+//! HTTP response counters by method, route, status and error code; the name and rendering are
+//! in `crate::metrics`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
+
+use crate::metrics::{Exposition, HTTP_RESPONSES};
 
 type Labels = (String, String, u16, &'static str);
 
@@ -36,20 +38,26 @@ impl HttpMetrics {
         }
     }
 
-    pub fn render(&self, out: &mut String) {
-        let name = "diffusiond_http_responses_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} HTTP responses by method, route, status and error code."
+    pub fn render(&self, out: &mut Exposition) {
+        let Ok(counts) = self.counts.lock() else {
+            return;
+        };
+        let samples = counts.iter().map(|((method, route, status, code), n)| {
+            let status = status.to_string();
+            let labels: Vec<(&str, String)> = vec![
+                ("method", method.clone()),
+                ("route", route.clone()),
+                ("status", status),
+                ("code", code.to_string()),
+            ];
+            (labels, *n as f64)
+        });
+        let samples: Vec<(Vec<(&str, String)>, f64)> = samples.collect();
+        out.labelled(
+            &HTTP_RESPONSES,
+            samples
+                .iter()
+                .map(|(l, n)| (l.iter().map(|(k, v)| (*k, v.as_str())), *n)),
         );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        if let Ok(counts) = self.counts.lock() {
-            for ((method, route, status, code), n) in counts.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{method=\"{method}\",route=\"{route}\",status=\"{status}\",code=\"{code}\"}} {n}"
-                );
-            }
-        }
     }
 }

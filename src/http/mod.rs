@@ -5,14 +5,17 @@ mod context;
 mod dto;
 mod error;
 mod extract;
+mod file_body;
 mod files;
 mod generate;
+mod guard;
 mod metrics;
 mod models;
 mod openai;
 pub mod openapi;
 mod ops;
 mod playground;
+mod serve;
 mod sse;
 
 use std::net::SocketAddr;
@@ -24,8 +27,9 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use extract::MAX_BODY_BYTES;
+pub use guard::WebPolicy;
 pub use metrics::HttpMetrics;
+pub use serve::{serve, Limits};
 
 use crate::infer::Facade;
 
@@ -76,9 +80,14 @@ pub struct AppState {
     pub http_metrics: Arc<HttpMetrics>,
     /// Unix seconds at start (OpenAI's `created` of the model list).
     pub started_at: u64,
+    /// Which hosts and origins may reach the server (http/guard.rs).
+    pub web: Arc<WebPolicy>,
+    /// `--metrics-auth`: GET /metrics needs a valid key in keys mode.
+    pub metrics_auth: bool,
 }
 
 impl AppState {
+    /// State with the default web policy: any Host, no cross-origin caller.
     pub fn new(facade: Arc<Facade>, public_url: PublicUrl) -> Self {
         Self {
             facade,
@@ -88,7 +97,19 @@ impl AppState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            web: Arc::new(WebPolicy::default()),
+            metrics_auth: false,
         }
+    }
+
+    pub fn with_web_policy(mut self, web: WebPolicy) -> Self {
+        self.web = Arc::new(web);
+        self
+    }
+
+    pub fn with_metrics_auth(mut self, required: bool) -> Self {
+        self.metrics_auth = required;
+        self
     }
 }
 
@@ -123,6 +144,10 @@ pub fn router(state: AppState) -> Router {
         })
         .fallback(files::not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             context::request_context,

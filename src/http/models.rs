@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::extract::Authed;
 use super::AppState;
-use crate::catalog::{Model, Pricing};
+use crate::catalog::{Model, Pipeline, Pricing};
+use crate::infer::guidance_doubles_work;
 
 /// The model list, in the hosted shape (`success`, `models`) and OpenAI's (`object`, `data`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -38,6 +39,9 @@ pub struct ModelDto {
     pub id: String,
     /// The local pipeline serving this ID.
     pub pipeline: String,
+    /// The pipeline's model family (`z-image`, `flux2-klein`); null when the catalog leaves it
+    /// to the checkout's `model_index.json`.
+    pub family: Option<String>,
     /// Whether the pipeline's weights are loaded.
     pub loaded: bool,
     /// Credits per image of a request with default settings.
@@ -49,6 +53,14 @@ pub struct ModelDto {
     pub size_step: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pricing: Option<TieredDto>,
+    /// Model evaluations of a request that does not send `steps` (gpt-image-2: per quality in
+    /// `pricing.quality_steps`).
+    pub default_steps: u32,
+    /// Whether sending `guidance_scale` > 0 turns on classifier-free guidance (twice the
+    /// evaluations) and so doubles the price.
+    pub guidance_doubles_price: bool,
+    /// How `steps` and `guidance_scale` change the price, in words.
+    pub price_rule: String,
 }
 
 /// Resolution x quality pricing (gpt-image-2).
@@ -61,12 +73,30 @@ pub struct TieredDto {
     pub credits_per_image: BTreeMap<String, BTreeMap<String, i64>>,
     pub default_resolution: String,
     pub default_quality: String,
+    /// Default steps of a quality, where it differs from `default_steps`.
+    pub quality_steps: BTreeMap<String, u32>,
 }
 
-fn dto(m: &Model, loaded: &[String]) -> ModelDto {
+fn dto(m: &Model, pipeline: Option<&Pipeline>, loaded: &[String]) -> ModelDto {
+    let default_steps = pipeline.map_or(0, |p| p.steps);
+    let guidance_doubles_price =
+        pipeline.is_some_and(|p| guidance_doubles_work(p.guidance_scale, Some(1.0)));
+    let price_rule = format!(
+        "credits_per_image x steps / default steps when more steps than the default are sent, \
+         rounded up{}; a request without them pays credits_per_image",
+        if guidance_doubles_price {
+            ", x 2 with guidance_scale > 0"
+        } else {
+            ""
+        }
+    );
     ModelDto {
+        default_steps,
+        guidance_doubles_price,
+        price_rule,
         id: m.id.clone(),
         pipeline: m.pipeline.clone(),
+        family: pipeline.and_then(|p| p.family.clone()),
         loaded: loaded.contains(&m.pipeline),
         credits_per_image: m.pricing.default_price(),
         default_width: m.sizes.default,
@@ -82,6 +112,7 @@ fn dto(m: &Model, loaded: &[String]) -> ModelDto {
                 credits_per_image: t.prices.clone(),
                 default_resolution: t.default_resolution.clone(),
                 default_quality: t.default_quality.clone(),
+                quality_steps: t.quality_steps.clone(),
             }),
         },
     }
@@ -100,10 +131,14 @@ fn dto(m: &Model, loaded: &[String]) -> ModelDto {
 )]
 pub async fn list(State(state): State<AppState>, _auth: Authed) -> Json<ModelsResponse> {
     let loaded = state.facade.loaded_pipelines();
-    let models = state.facade.catalog().models();
+    let catalog = state.facade.catalog();
+    let models = catalog.models();
     Json(ModelsResponse {
         success: true,
-        models: models.iter().map(|m| dto(m, &loaded)).collect(),
+        models: models
+            .iter()
+            .map(|m| dto(m, catalog.pipeline(&m.pipeline), &loaded))
+            .collect(),
         object: "list",
         data: models
             .iter()

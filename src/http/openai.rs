@@ -24,9 +24,10 @@ use super::extract::{Authed, JsonObject};
 use super::sse::{self, named_event, Style};
 use super::AppState;
 use crate::catalog::{Catalog, Pricing};
+use crate::image::ImageFormat;
 use crate::infer::{Generated, InferError, RawRequest, RequestId, ValidationError};
 use crate::scheduler::{Progress, ProgressTx, MAX_PREVIEWS};
-use crate::store::{Encoding, ImageFormat};
+use crate::store::Encoding;
 
 /// Routes under this prefix answer errors in OpenAI's shape.
 pub const OPENAI_PREFIX: &str = "/v1/images/";
@@ -316,8 +317,12 @@ impl StreamMeta {
                     None,
                 )
             } else {
-                let f = state.facade.file(id, &img.file_name).await.ok_or(())?;
-                (None, Some(b64(&f.bytes)))
+                let bytes = state
+                    .facade
+                    .file_bytes(id, &img.file_name)
+                    .await
+                    .ok_or(())?;
+                (None, Some(b64(&bytes)))
             };
             out.push(OpenAiImage {
                 b64_json,
@@ -364,7 +369,7 @@ pub async fn generations(
     let running = state.facade.start(&caller, &id, req.raw, tx).await?;
     let valid = running.request();
     let meta = StreamMeta {
-        size: format!("{}x{}", valid.job.width, valid.job.height),
+        size: format!("{}x{}", valid.job.spec.width, valid.job.spec.height),
         quality: req.quality,
         output_format: req.output_format,
         encoding: Encoding {

@@ -29,9 +29,10 @@ use super::dto::GenerateResponse;
 use super::error::ApiError;
 use super::openai::StreamMeta;
 use super::AppState;
+use crate::image::{ImageFormat, RgbImage};
 use crate::infer::{Generated, InferError, RequestId, Running};
-use crate::scheduler::{Image, Progress, ProgressRx};
-use crate::store::{Encoding, ImageFormat};
+use crate::scheduler::{Progress, ProgressRx};
+use crate::store::Encoding;
 
 /// Comment lines at this interval keep proxies from closing a quiet stream (a long queue wait).
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -125,9 +126,9 @@ fn event(name: &str, data: &Value) -> Event {
 }
 
 /// Encode an image for an event: base64 of the file bytes.
-pub fn b64_image(img: &Image, encoding: Encoding) -> Option<String> {
+pub fn b64_image(img: &RgbImage, encoding: Encoding) -> Option<String> {
     let mut buf = Cursor::new(Vec::new());
-    crate::store::encode(img, encoding, None, &mut buf).ok()?;
+    crate::store::encode_with(img, encoding, None, &mut buf).ok()?;
     Some(base64::engine::general_purpose::STANDARD.encode(buf.into_inner()))
 }
 

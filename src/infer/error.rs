@@ -7,7 +7,10 @@ use crate::accounts::AccountsError;
 pub enum ValidationError {
     #[error("prompt is required and must not be empty or only white space")]
     MissingPrompt,
-    #[error("prompt has {0} characters; at most 4000 are allowed")]
+    #[error(
+        "prompt has {0} characters; at most {max} are allowed",
+        max = super::validate::MAX_PROMPT_CHARS
+    )]
     PromptTooLong(usize),
     #[error("{0}")]
     InvalidModel(String),

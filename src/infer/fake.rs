@@ -5,12 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::Generator;
-use crate::scheduler::{
-    CancelFlag, Image, Job, JobError, Progress, ProgressTx, SubmitError, Ticket,
-};
+use super::{Generator, WorkerState};
+use crate::image::RgbImage;
+use crate::scheduler::{CancelFlag, Job, JobError, Progress, ProgressTx, SubmitError, Ticket};
 
-type Reply = oneshot::Sender<Result<Vec<Image>, JobError>>;
+type Reply = oneshot::Sender<Result<Vec<RgbImage>, JobError>>;
 
 /// What the fake does with the next job.
 #[derive(Clone, Copy, PartialEq)]
@@ -24,7 +23,11 @@ pub enum Mode {
 
 pub struct Fake {
     pub mode: Mutex<Mode>,
+    /// Jobs kept pending at most (a queue's capacity); beyond it a submit is `QueueFull`.
+    pub capacity: Mutex<usize>,
     pub flags: Mutex<Vec<CancelFlag>>,
+    /// What `worker_state` answers (`Ready` at first).
+    pub state: Mutex<WorkerState>,
     // Keep the senders of hanging jobs alive.
     pending: Mutex<Vec<Reply>>,
 }
@@ -33,16 +36,23 @@ impl Fake {
     pub fn new(mode: Mode) -> Arc<Self> {
         Arc::new(Self {
             mode: Mutex::new(mode),
+            capacity: Mutex::new(usize::MAX),
             flags: Mutex::new(Vec::new()),
+            state: Mutex::new(WorkerState::Ready),
             pending: Mutex::new(Vec::new()),
         })
     }
 }
 
 impl Generator for Fake {
+    fn worker_state(&self) -> WorkerState {
+        *self.state.lock().unwrap()
+    }
     fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
-        if mode == Mode::QueueFull {
+        if mode == Mode::QueueFull
+            || self.pending.lock().unwrap().len() >= *self.capacity.lock().unwrap()
+        {
             return Err(SubmitError::QueueFull);
         }
         let (tx, rx) = oneshot::channel();
@@ -54,18 +64,19 @@ impl Generator for Fake {
                 if let Some(p) = &progress {
                     p.send(Progress::Queued { position: 1 });
                     p.send(Progress::Started);
-                    let total = job.steps as usize;
+                    let total = job.spec.steps;
                     for done in 1..=total {
                         p.send(Progress::Step { done, total });
                     }
                 }
                 let images = job
+                    .spec
                     .seeds
                     .iter()
-                    .map(|s| Image {
-                        width: job.width,
-                        height: job.height,
-                        rgb: vec![(*s % 256) as u8; (job.width * job.height * 3) as usize],
+                    .map(|s| RgbImage {
+                        width: job.spec.width as u32,
+                        height: job.spec.height as u32,
+                        data: vec![(*s % 256) as u8; job.spec.width * job.spec.height * 3],
                     })
                     .collect();
                 let _ = tx.send(Ok(images));

@@ -1,8 +1,9 @@
-//! Counters of the generation path, rendered in the Prometheus text format.
+//! Counters of the generation path; their names and rendering are in `crate::metrics`.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::metrics::{self as m, Exposition};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -29,45 +30,12 @@ impl Metrics {
         self.requests_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, out: &mut String) {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let lines = [
-            (
-                "diffusiond_generations_succeeded_total",
-                "counter",
-                "Generation requests answered with images.",
-                get(&self.requests_succeeded) as f64,
-            ),
-            (
-                "diffusiond_generations_failed_total",
-                "counter",
-                "Accepted generation requests that failed (refunded).",
-                get(&self.requests_failed) as f64,
-            ),
-            (
-                "diffusiond_images_generated_total",
-                "counter",
-                "Images generated and stored.",
-                get(&self.images_generated) as f64,
-            ),
-            (
-                "diffusiond_credits_charged_total",
-                "counter",
-                "Credits charged for successful requests (also in open mode).",
-                get(&self.credits_charged) as f64,
-            ),
-            (
-                "diffusiond_generation_seconds_total",
-                "counter",
-                "Time from submit to stored images, summed over successful requests.",
-                get(&self.generation_micros) as f64 / 1e6,
-            ),
-        ];
-        for (name, kind, help, value) in lines {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+    pub fn render(&self, out: &mut Exposition) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        out.value(&m::REQUESTS_SUCCEEDED, get(&self.requests_succeeded));
+        out.value(&m::REQUESTS_FAILED, get(&self.requests_failed));
+        out.value(&m::IMAGES_GENERATED, get(&self.images_generated));
+        out.value(&m::CREDITS_CHARGED, get(&self.credits_charged));
+        out.value(&m::REQUEST_SECONDS, get(&self.generation_micros) / 1e6);
     }
 }

@@ -3,14 +3,16 @@
 
 mod error;
 mod metrics;
+mod refund;
 mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::accounts::{Account, Accounts, Reservation};
+use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
 use crate::scheduler::{Job, JobError, ProgressTx, SubmitError, Ticket};
 use crate::store::{FileStore, Provenance, StoredFile};
@@ -18,13 +20,26 @@ use crate::store::{FileStore, Provenance, StoredFile};
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
 pub use metrics::Metrics;
-pub use validate::{validate, RawRequest, ValidRequest, MAX_PROMPT_CHARS};
+pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
+
+use refund::{Outstanding, RefundOnDrop};
 
 /// Seconds a client is told to wait after `server_busy`.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// What the device worker is doing, for `GET /health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Taking jobs.
+    Ready,
+    /// Shut down, or its thread died: no job will run.
+    Stopped,
+}
+
 /// What runs jobs on the device: the scheduler, or a fake in tests.
 pub trait Generator: Send + Sync {
+    /// The device worker's state.
+    fn worker_state(&self) -> WorkerState;
     /// Queue a job, with live progress sent to `progress`; never blocks (a full queue answers
     /// [`SubmitError::QueueFull`] at once).
     fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError>;
@@ -74,6 +89,9 @@ pub struct Facade {
     store: FileStore,
     generator: Arc<dyn Generator>,
     metrics: Arc<Metrics>,
+    outstanding: Outstanding,
+    /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
+    admission: Arc<Semaphore>,
     /// Write generation parameters into image files.
     metadata: bool,
 }
@@ -91,6 +109,8 @@ impl Facade {
             store,
             generator,
             metrics: Arc::default(),
+            outstanding: Outstanding::default(),
+            admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             metadata: true,
         }
     }
@@ -101,12 +121,40 @@ impl Facade {
         self
     }
 
+    /// Resolves once every credit reservation is settled or refunded, including the refunds of
+    /// requests whose futures were dropped (the server waits on it at shutdown).
+    pub async fn reservations_resolved(&self) {
+        self.outstanding.all_resolved().await;
+    }
+
+    /// Admit at most `limit` requests at once (set it to the scheduler's queue capacity: then
+    /// an admitted request always finds room in the queue). A request beyond it is answered 503
+    /// `server_busy` before it reserves anything, so a burst never makes the key's other
+    /// requests see credits or quota held by requests that are then refused.
+    pub fn with_admission_limit(mut self, limit: usize) -> Self {
+        self.admission = Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS)));
+        self
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
 
     pub fn loaded_pipelines(&self) -> Vec<String> {
         self.generator.loaded_pipelines()
+    }
+
+    /// `Ok` while every store requests depend on takes writes; else why not (`/health` answers
+    /// 503 with it). Only keys mode writes to the accounts database.
+    pub async fn check_writable(&self) -> Result<(), String> {
+        match &self.auth {
+            AuthPolicy::Keys(accounts) => accounts.check_writable().await,
+            AuthPolicy::Open => Ok(()),
+        }
+    }
+
+    pub fn worker_state(&self) -> WorkerState {
+        self.generator.worker_state()
     }
 
     /// Check the `Authorization` header value (`Bearer <key>`) under the auth policy.
@@ -140,10 +188,10 @@ impl Facade {
         self.start(caller, id, raw, None).await?.finish().await
     }
 
-    /// The first half of [`Self::generate`]: validate, charge (reserve) and queue the request,
-    /// with live progress sent to `progress`. Every refusal (bad field, key, quota, credits, full
-    /// queue) comes from here, before anything is streamed. Dropping the [`Running`] cancels the
-    /// job and refunds it.
+    /// The first half of [`Self::generate`]: validate, admit, charge (reserve) and queue the
+    /// request, with live progress sent to `progress`. Every refusal (bad field, full queue,
+    /// key, quota, credits) comes from here, before anything is streamed. Dropping the
+    /// [`Running`] cancels the job and refunds it.
     pub async fn start(
         &self,
         caller: &Caller,
@@ -152,12 +200,18 @@ impl Facade {
         progress: Option<ProgressTx>,
     ) -> Result<Running, InferError> {
         let valid = validate(&self.catalog, raw)?;
+        // Admission before reservation: held until this request is answered (or dropped).
+        let Ok(admitted) = self.admission.clone().try_acquire_owned() else {
+            let e = busy("the generation queue is full; retry shortly");
+            tracing::warn!(request_id = %id, "refused: {e}");
+            return Err(e);
+        };
         let reservation = match (caller, &self.auth) {
             (Caller::Key(account), AuthPolicy::Keys(accounts)) => {
                 let r = accounts
                     .reserve(account, id.as_str(), valid.credits, Utc::now())
                     .await?;
-                Some(RefundOnDrop::new(accounts.clone(), r))
+                Some(RefundOnDrop::new(accounts.clone(), r, &self.outstanding))
             }
             _ => None,
         };
@@ -181,6 +235,7 @@ impl Facade {
             reservation,
             ticket,
             started,
+            _admitted: admitted,
         })
     }
 
@@ -192,14 +247,8 @@ impl Facade {
         self.generator
             .submit(valid.job.clone(), progress)
             .map_err(|e| match e {
-                SubmitError::QueueFull => InferError::Busy {
-                    message: "the generation queue is full; retry shortly",
-                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
-                },
-                SubmitError::ShuttingDown => InferError::Busy {
-                    message: "the server is shutting down",
-                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
-                },
+                SubmitError::QueueFull => busy("the generation queue is full; retry shortly"),
+                SubmitError::ShuttingDown => busy("the server is shutting down"),
                 SubmitError::UnknownPipeline(p) => {
                     InferError::Internal(format!("pipeline '{p}' is not loaded"))
                 }
@@ -218,19 +267,20 @@ impl Facade {
         Ok(Some((info.balance, info.daily_quota, info.used_today)))
     }
 
-    /// A stored image, by the request ID and file name of its URL.
+    /// A stored image, opened for streaming, by the request ID and file name of its URL.
     pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
-        self.store.read(request_id, file_name).await
+        self.store.open_file(request_id, file_name).await
     }
 
-    /// Prometheus text: the generator's metrics, then the facade's.
-    pub fn metrics_text(&self) -> String {
-        let mut out = self.generator.metrics_text();
-        if !out.is_empty() && !out.ends_with('\n') {
-            out.push('\n');
-        }
-        self.metrics.render(&mut out);
-        out
+    /// A stored image's bytes, whole (to answer it inline as base64).
+    pub async fn file_bytes(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
+        self.store.read_all(request_id, file_name).await
+    }
+
+    /// The generator's metrics, then the facade's.
+    pub fn render_metrics(&self, out: &mut crate::metrics::Exposition) {
+        out.rendered(&self.generator.metrics_text());
+        self.metrics.render(out);
     }
 }
 
@@ -245,6 +295,8 @@ pub struct Running {
     reservation: Option<RefundOnDrop>,
     ticket: Ticket,
     started: Instant,
+    /// The admission permit, released when the request is answered or dropped.
+    _admitted: OwnedSemaphorePermit,
 }
 
 impl Running {
@@ -264,6 +316,7 @@ impl Running {
             reservation,
             ticket,
             started,
+            _admitted,
         } = self;
         let result = Self::wait_and_store(store, metadata, &id, &valid, ticket).await;
         match (&result, reservation) {
@@ -295,10 +348,7 @@ impl Running {
         ticket: Ticket,
     ) -> Result<Generated, InferError> {
         let images = ticket.wait().await.map_err(|e| match e {
-            JobError::ShuttingDown => InferError::Busy {
-                message: "the server is shutting down",
-                retry_after_secs: BUSY_RETRY_AFTER_SECS,
-            },
+            JobError::ShuttingDown => busy("the server is shutting down"),
             JobError::Failed(why) => {
                 tracing::error!(request_id = %id, "generation failed: {why}");
                 InferError::GenerationFailed
@@ -308,11 +358,11 @@ impl Running {
                 InferError::GenerationFailed
             }
         })?;
-        let job = &valid.job;
+        let job = &valid.job.spec;
         if images.len() != job.seeds.len()
             || images
                 .iter()
-                .any(|i| (i.width, i.height) != (job.width, job.height))
+                .any(|i| (i.width as usize, i.height as usize) != (job.width, job.height))
         {
             tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
             return Err(InferError::GenerationFailed);
@@ -340,82 +390,40 @@ impl Running {
                 })
                 .collect(),
             credits_used: valid.credits,
-            width: job.width,
-            height: job.height,
+            width: job.width as u32,
+            height: job.height as u32,
         })
     }
 }
 
 /// What is written into each image of a request (one entry per image).
 fn provenance(valid: &ValidRequest) -> Vec<Provenance> {
-    let job = &valid.job;
+    let job = &valid.job.spec;
     job.seeds
         .iter()
         .map(|&seed| Provenance {
             prompt: job.prompt.clone(),
-            negative_prompt: if job.guidance_scale > 0.0 {
+            negative_prompt: if job.guidance.scale > 0.0 {
                 job.negative_prompt.clone()
             } else {
                 String::new()
             },
             model: valid.model.clone(),
-            pipeline: job.pipeline.clone(),
+            pipeline: valid.job.pipeline.clone(),
             seed,
-            steps: job.steps,
-            guidance_scale: job.guidance_scale,
-            width: job.width,
-            height: job.height,
+            steps: job.steps as u32,
+            guidance_scale: job.guidance.scale,
+            width: job.width as u32,
+            height: job.height as u32,
             software: Provenance::software_name(),
         })
         .collect()
 }
 
-/// A reservation that is refunded if the request's future is dropped (client went away) before
-/// it was settled or refunded explicitly.
-struct RefundOnDrop {
-    accounts: Accounts,
-    reservation: Option<Reservation>,
-}
-
-impl RefundOnDrop {
-    fn new(accounts: Accounts, reservation: Reservation) -> Self {
-        Self {
-            accounts,
-            reservation: Some(reservation),
-        }
-    }
-
-    async fn settle(mut self) {
-        if let Some(r) = self.reservation.take() {
-            if let Err(e) = self.accounts.settle(&r).await {
-                tracing::error!(request_id = %r.request_id, "settling the charge failed: {e}");
-            }
-        }
-    }
-
-    async fn refund(mut self) {
-        if let Some(r) = self.reservation.take() {
-            if let Err(e) = self.accounts.refund(&r).await {
-                tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
-            }
-        }
-    }
-}
-
-impl Drop for RefundOnDrop {
-    fn drop(&mut self) {
-        let Some(r) = self.reservation.take() else {
-            return;
-        };
-        let accounts = self.accounts.clone();
-        // Without a runtime (process exit) the next start refunds it.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = accounts.refund(&r).await {
-                    tracing::error!(request_id = %r.request_id, "refund failed (retried at next start): {e}");
-                }
-            });
-        }
+fn busy(message: &'static str) -> InferError {
+    InferError::Busy {
+        message,
+        retry_after_secs: BUSY_RETRY_AFTER_SECS,
     }
 }
 

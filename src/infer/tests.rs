@@ -188,3 +188,64 @@ async fn validation_comes_before_credits_and_quota() {
     ));
     assert_eq!(s.balance_and_used().await, (0, 0));
 }
+
+/// Finding 4 of issue 15: credits used to be reserved before the queue accepted the job, so in a
+/// burst some requests of a key saw credits held by others that were then refused (402 "balance
+/// is 0" with credits left). Admission comes first now: a burst is answered only by admission
+/// (pending here) or 503, and the key is charged for the admitted requests alone.
+#[tokio::test]
+async fn a_burst_is_admitted_or_busy_never_402() {
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = Accounts::open(dir.path()).await.unwrap();
+    let fake = Fake::new(Mode::Hang);
+    *fake.capacity.lock().unwrap() = 2;
+    let facade = Arc::new(
+        Facade::new(
+            Catalog::builtin().unwrap(),
+            AuthPolicy::Keys(accounts.clone()),
+            FileStore::open(dir.path()).unwrap(),
+            fake.clone(),
+        )
+        .with_admission_limit(2),
+    );
+    // Credits for 3 requests of 250, a burst of 8.
+    let key = accounts
+        .create_key(NewKey {
+            name: String::new(),
+            credits: 750,
+            daily_quota: Some(3),
+        })
+        .await
+        .unwrap();
+    let caller = facade
+        .authenticate(Some(&format!("Bearer {}", key.secret)))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (facade, caller) = (facade.clone(), caller.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = RequestId::generate();
+            let fut = facade.generate(&caller, &id, small("flux-2-pro"));
+            tokio::time::timeout(std::time::Duration::from_millis(500), fut).await
+        }));
+    }
+    let (mut pending, mut busy) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(_) => pending += 1,
+            Ok(Err(InferError::Busy { .. })) => busy += 1,
+            Ok(other) => panic!("a burst must be admitted or busy, got {other:?}"),
+        }
+    }
+    assert_eq!((pending, busy), (2, 6));
+    // The two admitted requests were dropped (timed out): refunded.
+    for _ in 0..100 {
+        let info = accounts.key_info(&key.info.id).await.unwrap();
+        if (info.balance, info.used_today) == (750, 0) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("not refunded");
+}

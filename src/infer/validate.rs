@@ -2,6 +2,7 @@
 //! defaults, the price and one seed per image filled in. Nothing past this point sees raw input.
 
 use crate::catalog::{Catalog, Model, Pricing, GUIDANCE_RANGE, STEPS_RANGE};
+use crate::pipeline::{GenerateSpec, Guidance};
 use crate::scheduler::Job;
 use crate::store::{Encoding, ImageFormat};
 
@@ -75,32 +76,58 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         ValidationError::InvalidModel(format!("model '{}' has no pipeline", model.id))
     })?;
 
-    let tier = price_tier(model, raw.resolution.as_deref(), raw.quality.as_deref())?;
+    let (resolution, quality) = (raw.resolution.as_deref(), raw.quality.as_deref());
+    let tier = price_tier(model, resolution, quality, None)?;
 
     let width = dimension(model, "width", raw.width, tier.default_size)?;
     let height = dimension(model, "height", raw.height, tier.default_size)?;
+    // A sent size must fit the tier it is priced at (or, without `resolution`, picks the tier).
+    let tier = if raw.width.is_some() || raw.height.is_some() {
+        price_tier(model, resolution, quality, Some((width, height)))?
+    } else {
+        tier
+    };
 
     let n = raw.num_images.unwrap_or(1);
     if !NUM_IMAGES_RANGE.contains(&n) {
         return Err(ValidationError::InvalidNumImages(format!(
-            "num_images is {n}; it must be 1 to 4"
+            "num_images is {n}; it must be {} to {}",
+            NUM_IMAGES_RANGE.start(),
+            NUM_IMAGES_RANGE.end()
         )));
     }
     let n = n as u32; // 1..=4
 
+    let default_steps = tier.steps.unwrap_or(pipeline.steps);
     let steps = match raw.steps {
-        None => tier.steps.unwrap_or(pipeline.steps),
+        None => default_steps,
         Some(s) => u32::try_from(s)
             .ok()
             .filter(|s| STEPS_RANGE.contains(s))
-            .ok_or_else(|| param(format!("steps is {s}; it must be 1 to 100")))?,
+            .ok_or_else(|| {
+                param(format!(
+                    "steps is {s}; it must be {} to {}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end()
+                ))
+            })?,
     };
     let guidance_scale = match raw.guidance_scale {
         None => pipeline.guidance_scale,
         Some(g) => Some(g as f32)
             .filter(|g| g.is_finite() && GUIDANCE_RANGE.contains(g))
-            .ok_or_else(|| param(format!("guidance_scale is {g}; it must be 0 to 20")))?,
+            .ok_or_else(|| {
+                param(format!(
+                    "guidance_scale is {g}; it must be {} to {}",
+                    GUIDANCE_RANGE.start(),
+                    GUIDANCE_RANGE.end()
+                ))
+            })?,
     };
+    let cfg = guidance_doubles_work(
+        pipeline.guidance_scale,
+        raw.guidance_scale.map(|_| guidance_scale),
+    );
     let first_seed = match raw.seed {
         None => rand::random::<u64>(),
         Some(s) => {
@@ -108,14 +135,16 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         }
     };
     let format = match raw.output_format.as_deref() {
-        None | Some("jpeg") | Some("jpg") => ImageFormat::Jpeg,
-        Some("png") => ImageFormat::Png,
-        Some("webp") => ImageFormat::Webp,
-        Some(other) => {
-            return Err(param(format!(
-                "output_format '{other}' is not one of: jpeg, png, webp"
-            )));
-        }
+        None => ImageFormat::Jpeg,
+        // The contract's names are lowercase: "JPEG" is not one of them.
+        Some(name) => Some(name)
+            .filter(|n| n.chars().all(|c| c.is_ascii_lowercase()))
+            .and_then(ImageFormat::parse)
+            .ok_or_else(|| {
+                param(format!(
+                    "output_format '{name}' is not one of: jpeg, png, webp"
+                ))
+            })?,
     };
 
     let quality = match raw.output_compression {
@@ -133,19 +162,56 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
         model: model.id.clone(),
         job: Job {
             pipeline: pipeline.name.clone(),
-            prompt,
-            negative_prompt: raw.negative_prompt.unwrap_or_default(),
-            width,
-            height,
-            seeds: (0..n)
-                .map(|i| first_seed.wrapping_add(u64::from(i)))
-                .collect(),
-            steps,
-            guidance_scale,
+            spec: GenerateSpec {
+                prompt,
+                negative_prompt: raw.negative_prompt.unwrap_or_default(),
+                width: width as usize,
+                height: height as usize,
+                seeds: (0..n)
+                    .map(|i| first_seed.wrapping_add(u64::from(i)))
+                    .collect(),
+                steps: steps as usize,
+                guidance: Guidance {
+                    scale: guidance_scale,
+                    ..Guidance::none()
+                },
+            },
         },
         encoding: Encoding { format, quality },
-        credits: tier.price.saturating_mul(i64::from(n)),
+        credits: price_of_work(tier.price, steps, default_steps, cfg, n).ok_or_else(|| {
+            param(format!(
+                "the price of this request ({} credits an image x {steps}/{default_steps} steps{} \
+                 x {n} images) is too large to charge",
+                tier.price,
+                if cfg { " x 2 for guidance" } else { "" }
+            ))
+        })?,
     })
+}
+
+/// Whether a request's `guidance_scale` turns on classifier-free guidance that the pipeline's
+/// default does not run, i.e. twice the model evaluations per step: the default is 0 (no CFG)
+/// and the request sends more. A pipeline whose default guidance is above 0 either runs CFG in
+/// its price already or is guidance-distilled (guidance is an input, not a second evaluation),
+/// so it is never charged extra.
+pub fn guidance_doubles_work(pipeline_default: f32, sent: Option<f32>) -> bool {
+    pipeline_default <= 0.0 && sent.is_some_and(|g| g > 0.0)
+}
+
+/// Credits for `n` images: the per-image price scaled by the work over the default, rounded up:
+/// x steps/default_steps when more steps than the default are asked for, x 2 with CFG. A request
+/// with neither pays exactly `price`. `None` when it does not fit an i64.
+pub fn price_of_work(price: i64, steps: u32, default_steps: u32, cfg: bool, n: u32) -> Option<i64> {
+    let mut per_image = price;
+    if steps > default_steps && default_steps > 0 {
+        let scaled = per_image.checked_mul(i64::from(steps))?;
+        let d = i64::from(default_steps);
+        per_image = scaled.checked_add(d - 1)? / d;
+    }
+    if cfg {
+        per_image = per_image.checked_mul(2)?;
+    }
+    per_image.checked_mul(i64::from(n))
 }
 
 fn param(message: String) -> ValidationError {
@@ -159,10 +225,13 @@ struct Tier {
     steps: Option<u32>,
 }
 
+/// `size`: the width and height sent, when any was; it must fit the requested resolution's
+/// square, and without a requested resolution it picks the smallest one that covers it.
 fn price_tier(
     model: &Model,
     resolution: Option<&str>,
     quality: Option<&str>,
+    size: Option<(u32, u32)>,
 ) -> Result<Tier, ValidationError> {
     let t = match &model.pricing {
         // resolution and quality mean nothing to these models; like unknown fields they are ignored.
@@ -175,14 +244,34 @@ fn price_tier(
         }
         Pricing::Tiered(t) => t,
     };
-    let resolution = resolution.unwrap_or(&t.default_resolution);
-    let Some(size) = t.size_of(resolution) else {
+    let fits = size.and_then(|(w, h)| {
+        t.resolutions
+            .iter()
+            .find(|(_, side)| w.max(h) <= *side)
+            .map(|(r, _)| r.as_str())
+    });
+    let resolution = match (resolution, size) {
+        (Some(r), _) => r,
+        (None, Some(_)) => fits.unwrap_or(&t.default_resolution),
+        (None, None) => &t.default_resolution,
+    };
+    let Some(side) = t.size_of(resolution) else {
         let names: Vec<&str> = t.resolutions.iter().map(|(r, _)| r.as_str()).collect();
         return Err(param(format!(
             "resolution '{resolution}' is not one of: {}",
             names.join(", ")
         )));
     };
+    if let Some((w, h)) = size.filter(|(w, h)| *w.max(h) > side) {
+        let hint = match fits {
+            Some(r) => format!("resolution '{r}' fits it"),
+            None => "no resolution covers it".to_string(),
+        };
+        return Err(ValidationError::InvalidDimensions(format!(
+            "{w}x{h} is larger than resolution '{resolution}' ({side}x{side}) of {}: {hint}",
+            model.id
+        )));
+    }
     let quality = quality.unwrap_or(&t.default_quality);
     let Some(price) = t.price(resolution, quality) else {
         return Err(param(format!(
@@ -192,7 +281,7 @@ fn price_tier(
     };
     Ok(Tier {
         price,
-        default_size: size,
+        default_size: side,
         steps: t.quality_steps.get(quality).copied(),
     })
 }
@@ -243,12 +332,20 @@ mod tests {
     fn defaults_are_filled() {
         let v = validate(&catalog(), req("flux-2-pro")).unwrap();
         assert_eq!(v.credits, 250);
-        assert_eq!((v.job.width, v.job.height), (1024, 1024));
-        assert_eq!(v.job.seeds.len(), 1);
-        assert_eq!(v.job.steps, 8);
-        assert_eq!(v.job.guidance_scale, 0.0);
-        assert_eq!(v.job.pipeline, "z-image-turbo");
-        assert_eq!(v.job.negative_prompt, "");
+        assert_eq!((v.job.spec.width, v.job.spec.height), (1024, 1024));
+        assert_eq!(v.job.spec.seeds.len(), 1);
+        assert_eq!(
+            v.job.spec.steps, 4,
+            "FLUX.2 [klein] serves flux-2-pro at its 4 steps"
+        );
+        assert_eq!(v.job.spec.guidance.scale, 1.0);
+        assert_eq!(v.job.pipeline, "flux2-klein");
+        assert_eq!(v.job.spec.negative_prompt, "");
+        let z = validate(&catalog(), req("z-image-turbo")).unwrap();
+        assert_eq!(
+            (z.job.pipeline.as_str(), z.job.spec.steps),
+            ("z-image-turbo", 8)
+        );
         assert_eq!(v.encoding.format, ImageFormat::Jpeg);
     }
 
@@ -258,13 +355,13 @@ mod tests {
         r.seed = Some(i128::from(u64::MAX) - 1);
         r.num_images = Some(4);
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!(v.job.seeds, [u64::MAX - 1, u64::MAX, 0, 1]);
+        assert_eq!(v.job.spec.seeds, [u64::MAX - 1, u64::MAX, 0, 1]);
         assert_eq!(v.credits, 400);
         let r = RawRequest {
             num_images: Some(3),
             ..req("z-image-turbo")
         };
-        let seeds = validate(&catalog(), r).unwrap().job.seeds;
+        let seeds = validate(&catalog(), r).unwrap().job.spec.seeds;
         assert_eq!(seeds[1], seeds[0].wrapping_add(1));
         assert_eq!(seeds[2], seeds[0].wrapping_add(2));
     }
@@ -347,7 +444,7 @@ mod tests {
             ..req("z-image-turbo")
         };
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!((v.job.width, v.job.height), (256, 2048));
+        assert_eq!((v.job.spec.width, v.job.spec.height), (256, 2048));
     }
 
     #[test]
@@ -415,7 +512,10 @@ mod tests {
     #[test]
     fn gpt_image_2_prices_and_sizes() {
         let v = validate(&catalog(), req("gpt-image-2")).unwrap();
-        assert_eq!((v.credits, v.job.width, v.job.steps), (200, 1024, 8));
+        assert_eq!(
+            (v.credits, v.job.spec.width, v.job.spec.steps),
+            (200, 1024, 8)
+        );
         let r = RawRequest {
             resolution: Some("4k".into()),
             quality: Some("high".into()),
@@ -423,7 +523,10 @@ mod tests {
             ..req("gpt-image-2")
         };
         let v = validate(&catalog(), r).unwrap();
-        assert_eq!((v.credits, v.job.width, v.job.height), (6400, 4096, 4096));
+        assert_eq!(
+            (v.credits, v.job.spec.width, v.job.spec.height),
+            (6400, 4096, 4096)
+        );
         let r = RawRequest {
             resolution: Some("2k".into()),
             quality: Some("low".into()),
@@ -432,7 +535,12 @@ mod tests {
         };
         let v = validate(&catalog(), r).unwrap();
         assert_eq!(
-            (v.credits, v.job.width, v.job.height, v.job.steps),
+            (
+                v.credits,
+                v.job.spec.width,
+                v.job.spec.height,
+                v.job.spec.steps
+            ),
             (100, 512, 2048, 4)
         );
     }
@@ -459,10 +567,126 @@ mod tests {
         };
         let v = validate(&catalog(), r).unwrap();
         assert_eq!(
-            (v.job.steps, v.job.guidance_scale, v.job.seeds[0]),
+            (
+                v.job.spec.steps,
+                v.job.spec.guidance.scale,
+                v.job.spec.seeds[0]
+            ),
             (3, 4.0, 7)
         );
-        assert_eq!(v.job.negative_prompt, "blurry");
+        assert_eq!(v.job.spec.negative_prompt, "blurry");
         assert_eq!(v.encoding.format, ImageFormat::Webp);
+    }
+
+    /// Issue 15, finding 3: a size beyond the requested tier was priced at that tier.
+    #[test]
+    fn a_size_beyond_the_resolution_is_refused_or_picks_the_tier() {
+        for (side, fits) in [(2048, "2k"), (4096, "4k"), (1040, "2k")] {
+            let r = RawRequest {
+                resolution: Some("1k".into()),
+                width: Some(side),
+                height: Some(side),
+                ..req("gpt-image-2")
+            };
+            let ValidationError::InvalidDimensions(m) = err(r) else {
+                panic!("{side}: not invalid_dimensions");
+            };
+            assert!(m.contains(&format!("resolution '{fits}' fits")), "{m}");
+        }
+        // Only one side sent: the other is the tier's default, and the larger must fit.
+        let r = RawRequest {
+            resolution: Some("1k".into()),
+            height: Some(2048),
+            ..req("gpt-image-2")
+        };
+        assert!(matches!(err(r), ValidationError::InvalidDimensions(_)));
+        // Without `resolution` the smallest tier that covers the size is charged.
+        for (w, h, credits) in [
+            (256, 256, 200),
+            (1024, 1024, 200),
+            (1024, 2048, 400),
+            (4096, 256, 800),
+        ] {
+            let r = RawRequest {
+                width: Some(w),
+                height: Some(h),
+                ..req("gpt-image-2")
+            };
+            assert_eq!(validate(&catalog(), r).unwrap().credits, credits, "{w}x{h}");
+        }
+        // Within the requested tier: its price.
+        let r = RawRequest {
+            resolution: Some("4k".into()),
+            width: Some(1024),
+            ..req("gpt-image-2")
+        };
+        assert_eq!(validate(&catalog(), r).unwrap().credits, 800);
+    }
+
+    /// Issue 15, finding 3: steps and CFG ran at the default price.
+    #[test]
+    fn steps_and_guidance_scale_the_price() {
+        let credits = |steps: Option<i128>, g: Option<f64>, n: Option<i128>| {
+            let r = RawRequest {
+                steps,
+                guidance_scale: g,
+                num_images: n,
+                ..req("z-image-turbo")
+            };
+            validate(&catalog(), r).unwrap().credits
+        };
+        // z-image-turbo: 100 an image, Z-Image-Turbo's default 8 steps, no CFG.
+        assert_eq!(credits(None, None, None), 100);
+        assert_eq!(credits(Some(8), Some(0.0), None), 100);
+        assert_eq!(
+            credits(Some(4), None, None),
+            100,
+            "fewer steps: no discount"
+        );
+        assert_eq!(credits(Some(16), None, None), 200);
+        assert_eq!(
+            credits(Some(9), None, None),
+            113,
+            "100 x 9/8 = 112.5, rounded up"
+        );
+        assert_eq!(credits(Some(100), None, Some(4)), 1250 * 4);
+        assert_eq!(credits(None, Some(3.5), None), 200);
+        assert_eq!(credits(Some(16), Some(3.5), Some(2)), 800);
+        // flux-2-pro: FLUX.2 [klein] at 4 steps, guidance-distilled (default 1.0): guidance sent
+        // for it costs nothing, more steps do.
+        let flux = |steps: Option<i128>, g: Option<f64>| {
+            let r = RawRequest {
+                steps,
+                guidance_scale: g,
+                ..req("flux-2-pro")
+            };
+            validate(&catalog(), r).unwrap().credits
+        };
+        assert_eq!(flux(None, None), 250);
+        assert_eq!(flux(None, Some(4.0)), 250);
+        assert_eq!(flux(Some(8), None), 500);
+        // gpt-image-2 low quality runs 4 steps: 8 steps is twice its work.
+        let r = RawRequest {
+            quality: Some("low".into()),
+            steps: Some(8),
+            ..req("gpt-image-2")
+        };
+        assert_eq!(validate(&catalog(), r).unwrap().credits, 100);
+    }
+
+    #[test]
+    fn the_price_is_checked_not_saturated() {
+        assert_eq!(price_of_work(250, 8, 8, false, 4), Some(1000));
+        assert_eq!(
+            price_of_work(i64::MAX / 2, 8, 8, true, 1),
+            Some(i64::MAX - 1)
+        );
+        assert_eq!(price_of_work(i64::MAX / 2, 8, 8, true, 2), None);
+        assert_eq!(price_of_work(i64::MAX / 50, 100, 8, false, 1), None);
+        // Guidance on a pipeline whose default already guides (or is distilled) costs nothing.
+        assert!(!guidance_doubles_work(4.0, Some(7.0)));
+        assert!(!guidance_doubles_work(0.0, Some(0.0)));
+        assert!(!guidance_doubles_work(0.0, None));
+        assert!(guidance_doubles_work(0.0, Some(0.5)));
     }
 }

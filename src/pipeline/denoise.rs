@@ -1,17 +1,14 @@
-//! The denoising loop at step granularity: each item carries its own latent, caption, schedule
-//! and step counter, so items can join and leave a running batch at any step boundary. One call
-//! of [`step`] runs one transformer evaluation for every unfinished item it is given.
-
-use std::sync::{Arc, OnceLock};
+//! The denoising loop at step granularity, for any [`Family`]: each item carries its own
+//! latent, conditioning, schedule and step counter, so items can join and leave a running batch
+//! at any step boundary. One call of [`step`] runs one batched model evaluation for every
+//! unfinished item it is given (positives, then the negatives of guided items).
 
 use candle_core::Tensor;
 
 use super::error::{PipelineError, Result};
-use super::image::{to_rgb8, RgbImage};
-use super::noise::initial_latent;
-use super::sampler::{apply_cfg, euler_step, model_time, sigmas, timesteps, Guidance};
-use super::z_image::transformer::ItemInput;
-use super::z_image::ZImage;
+use super::family::{CfgRule, Conditioning, Family, ModelInput};
+use super::image::RgbImage;
+use super::sampler::{combine_cfg, euler_step, Guidance};
 
 /// What to generate: `seeds.len()` images of one prompt at one size.
 #[derive(Debug, Clone)]
@@ -27,248 +24,227 @@ pub struct GenerateSpec {
     pub guidance: Guidance,
 }
 
-/// Encoded prompts of a spec, shared by all of its images: the text encoder's features and,
-/// made on first use and then shared by every image and step, the refined caption streams.
-#[derive(Clone)]
-pub struct Conditioning {
-    caption: Tensor,
-    negative: Option<Tensor>,
-    refined: Arc<OnceLock<Tensor>>,
-    refined_negative: Arc<OnceLock<Tensor>>,
-}
-
-impl Conditioning {
-    pub fn new(caption: Tensor, negative: Option<Tensor>) -> Self {
-        Self {
-            caption,
-            negative,
-            refined: Arc::default(),
-            refined_negative: Arc::default(),
-        }
-    }
-
-    fn refined(model: &ZImage, cell: &OnceLock<Tensor>, feats: &Tensor) -> Result<Tensor> {
-        if let Some(t) = cell.get() {
-            return Ok(t.clone());
-        }
-        let t = model.refine_caption(feats)?;
-        Ok(cell.get_or_init(|| t).clone())
-    }
-
-    fn positive(&self, model: &ZImage) -> Result<Tensor> {
-        Self::refined(model, &self.refined, &self.caption)
-    }
-
-    fn negative(&self, model: &ZImage) -> Result<Option<Tensor>> {
-        self.negative
-            .as_ref()
-            .map(|n| Self::refined(model, &self.refined_negative, n))
-            .transpose()
-    }
-}
-
 /// One image being denoised.
 pub struct DenoiseItem {
     latent: Tensor,
     cond: Conditioning,
     sigmas: Vec<f32>,
-    timesteps: Vec<f32>,
     step: usize,
     guidance: Guidance,
+    /// The family's CFG rule when guidance is in force for this item.
+    cfg: Option<CfgRule>,
+    /// The velocity of the last evaluation (for previews of the clean-image estimate).
+    last_velocity: Option<Tensor>,
 }
 
 impl DenoiseItem {
-    /// An item starting from `latent` `(C, h, w)` (f32).
+    /// An item starting from `latent` (f32, the family's layout) with the `steps + 1` sigmas
+    /// of its schedule.
     pub fn new(
-        model: &ZImage,
+        model: &dyn Family,
         latent: Tensor,
         cond: Conditioning,
-        steps: usize,
+        sigmas: Vec<f32>,
         guidance: Guidance,
     ) -> Result<Self> {
-        if guidance.enabled() && cond.negative.is_none() {
+        let cfg = model
+            .info()
+            .cfg
+            .filter(|_| model.info().cfg_active(guidance.scale));
+        if cfg.is_some() && cond.negative.is_none() {
             return Err(PipelineError::InvalidInput(
                 "guidance is on but no negative conditioning was given".into(),
             ));
         }
-        let sigmas = sigmas(model.scheduler_config(), steps)?;
-        let timesteps = timesteps(model.scheduler_config(), &sigmas);
+        if sigmas.len() < 2 {
+            return Err(PipelineError::InvalidInput(
+                "a schedule needs at least one step".into(),
+            ));
+        }
         Ok(Self {
             latent,
             cond,
             sigmas,
-            timesteps,
             step: 0,
             guidance,
+            cfg,
+            last_velocity: None,
         })
     }
 
     pub fn is_done(&self) -> bool {
-        self.step >= self.timesteps.len()
+        self.step + 1 >= self.sigmas.len()
     }
     pub fn steps_done(&self) -> usize {
         self.step
     }
     pub fn steps_total(&self) -> usize {
-        self.timesteps.len()
+        self.sigmas.len() - 1
     }
-    /// The current latent `(C, h, w)` f32.
+    /// The current latent (f32, the family's layout).
     pub fn latent(&self) -> &Tensor {
         &self.latent
     }
-    /// `(h, w)` of the latent: items batch together only when this and [`Self::uses_cfg`] agree.
-    pub fn latent_hw(&self) -> (usize, usize) {
-        let d = self.latent.dims();
-        (d[1], d[2])
-    }
+    /// Whether classifier-free guidance runs for this item.
     pub fn uses_cfg(&self) -> bool {
-        self.guidance.enabled()
+        self.cfg.is_some()
     }
     /// The sigma schedule (n + 1 values).
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
     }
+    /// The model's current estimate of the clean latent, `x - sigma v` (after at least one
+    /// step; the velocity of the last evaluation with the sigma it was made at).
+    pub fn clean_estimate(&self) -> Result<Option<Tensor>> {
+        let Some(v) = &self.last_velocity else {
+            return Ok(None);
+        };
+        // The latent has already moved to sigmas[step]; x0 = x_t - sigma_t v holds for the
+        // flow-matching straight path at any t along the same velocity.
+        let sigma = self.sigmas[self.step] as f64;
+        Ok(Some((&self.latent - (v * sigma)?)?))
+    }
 }
 
-/// Run one denoising step for every unfinished item: one batched transformer call holding the
+/// Run one denoising step for every unfinished item: one batched model evaluation holding the
 /// positives of all items, then the negatives of those whose guidance is in force at this step.
-pub fn step(model: &ZImage, items: &mut [&mut DenoiseItem]) -> Result<()> {
+pub fn step(model: &dyn Family, items: &mut [&mut DenoiseItem]) -> Result<()> {
     let active: Vec<usize> = (0..items.len()).filter(|&i| !items[i].is_done()).collect();
     if active.is_empty() {
         return Ok(());
     }
-    let sched = model.scheduler_config();
-    let mut times = Vec::with_capacity(active.len());
     let mut scales = Vec::with_capacity(active.len());
     for &i in &active {
         let it = &items[i];
-        let t = model_time(sched, it.timesteps[it.step]);
-        times.push(t);
-        scales.push(it.guidance.scale_at(t));
-    }
-    let mut pos = Vec::with_capacity(active.len());
-    let mut neg = Vec::with_capacity(active.len());
-    for (k, &i) in active.iter().enumerate() {
-        pos.push(items[i].cond.positive(model)?);
-        neg.push(if scales[k] > 0.0 {
-            items[i].cond.negative(model)?
-        } else {
-            None
+        let sigma = it.sigmas[it.step];
+        scales.push(match it.cfg {
+            Some(_) => it.guidance.scale_at(1.0 - sigma),
+            None => 0.0,
         });
     }
-    let mut inputs: Vec<ItemInput> = active
+    let mut inputs: Vec<ModelInput> = active
         .iter()
-        .zip(&times)
-        .zip(&pos)
-        .map(|((&i, &t), caption)| ItemInput {
+        .map(|&i| ModelInput {
             latent: &items[i].latent,
-            caption,
-            t,
+            cond: &items[i].cond.positive,
+            sigma: items[i].sigmas[items[i].step],
         })
         .collect();
     let mut neg_of = vec![None; active.len()];
     for (k, &i) in active.iter().enumerate() {
-        if let Some(n) = &neg[k] {
-            neg_of[k] = Some(inputs.len());
-            inputs.push(ItemInput {
-                latent: &items[i].latent,
-                caption: n,
-                t: times[k],
-            });
+        let it = &items[i];
+        if let (Some(rule), Some(neg)) = (it.cfg, &it.cond.negative) {
+            if rule.active(scales[k]) {
+                neg_of[k] = Some(inputs.len());
+                inputs.push(ModelInput {
+                    latent: &it.latent,
+                    cond: neg,
+                    sigma: it.sigmas[it.step],
+                });
+            }
         }
     }
-    let outs = model.transformer_forward(&inputs)?;
+    let outs = model.velocity(&inputs)?;
     drop(inputs);
+    if outs.len() < active.len() + neg_of.iter().flatten().count() {
+        return Err(PipelineError::InvalidInput(
+            "the model returned fewer outputs than inputs".into(),
+        ));
+    }
     for (k, &i) in active.iter().enumerate() {
         let it = &mut *items[i];
-        let pred = match neg_of[k] {
-            Some(j) => apply_cfg(&outs[k], &outs[j], scales[k], it.guidance.normalization)?,
-            None => outs[k].clone(),
+        let v = match (neg_of[k], it.cfg) {
+            (Some(j), Some(rule)) => combine_cfg(
+                rule,
+                &outs[k],
+                &outs[j],
+                scales[k],
+                it.guidance.normalization,
+            )?,
+            _ => outs[k].clone(),
         };
         let (s, s_next) = (it.sigmas[it.step], it.sigmas[it.step + 1]);
-        it.latent = euler_step(&it.latent, &pred, s, s_next)?;
+        it.latent = euler_step(&it.latent, &v, s, s_next)?;
+        it.last_velocity = Some(v);
         it.step += 1;
     }
     Ok(())
 }
 
-/// Decode finished items in one VAE batch.
-pub fn decode(model: &ZImage, items: &[&DenoiseItem]) -> Result<Vec<RgbImage>> {
+/// Decode finished items together.
+pub fn decode(model: &dyn Family, items: &[&DenoiseItem]) -> Result<Vec<RgbImage>> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
     let latents: Vec<&Tensor> = items.iter().map(|i| &i.latent).collect();
-    let batch = Tensor::stack(&latents, 0)?;
-    to_rgb8(&model.decode(&batch)?)
+    model.decode(&latents)
 }
 
-impl ZImage {
-    /// Check a spec against the model: size multiple, steps.
-    pub fn check_spec(&self, spec: &GenerateSpec) -> Result<()> {
-        let m = self.size_multiple();
-        if spec.width == 0
-            || spec.height == 0
-            || !spec.width.is_multiple_of(m)
-            || !spec.height.is_multiple_of(m)
-        {
-            return Err(PipelineError::InvalidInput(format!(
-                "width and height must be positive multiples of {m} (got {}x{})",
-                spec.width, spec.height
-            )));
-        }
-        if spec.steps == 0 {
-            return Err(PipelineError::InvalidInput(
-                "steps must be at least 1".into(),
-            ));
-        }
-        if spec.seeds.is_empty() {
-            return Err(PipelineError::InvalidInput(
-                "at least one image is needed".into(),
-            ));
-        }
-        Ok(())
-    }
+/// A preview of an item in flight: its current clean-image estimate, decoded with the
+/// family's decoder. `None` before the first step.
+pub fn preview(model: &dyn Family, item: &DenoiseItem) -> Result<Option<RgbImage>> {
+    let Some(x0) = item.clean_estimate()? else {
+        return Ok(None);
+    };
+    Ok(model.decode(&[&x0])?.into_iter().next())
+}
 
-    /// Encode a spec's prompt (and its negative prompt when guidance is on).
-    pub fn condition(&self, spec: &GenerateSpec) -> Result<Conditioning> {
-        let caption = self.encode_prompt(&spec.prompt)?;
-        let negative = if spec.guidance.enabled() {
-            Some(self.encode_prompt(&spec.negative_prompt)?)
-        } else {
-            None
-        };
-        Ok(Conditioning::new(caption, negative))
+/// Check a spec against the model: size, steps, images.
+pub fn check_spec(model: &dyn Family, spec: &GenerateSpec) -> Result<()> {
+    model.check_size(spec.width, spec.height)?;
+    if spec.steps == 0 {
+        return Err(PipelineError::InvalidInput(
+            "steps must be at least 1".into(),
+        ));
     }
+    if spec.seeds.is_empty() {
+        return Err(PipelineError::InvalidInput(
+            "at least one image is needed".into(),
+        ));
+    }
+    Ok(())
+}
 
-    /// The items of a spec, each starting from its own seed's noise.
-    pub fn items(&self, spec: &GenerateSpec, cond: &Conditioning) -> Result<Vec<DenoiseItem>> {
-        self.check_spec(spec)?;
-        let f = self.vae_config().spatial_factor();
-        let (h, w) = (spec.height / f, spec.width / f);
-        spec.seeds
-            .iter()
-            .map(|&seed| {
-                let latent = initial_latent(seed, self.latent_channels(), h, w, self.device())?;
-                DenoiseItem::new(self, latent, cond.clone(), spec.steps, spec.guidance)
-            })
-            .collect()
-    }
+/// Encode a spec's prompt (and its negative prompt when guidance is on).
+pub fn condition(model: &dyn Family, spec: &GenerateSpec) -> Result<Conditioning> {
+    let negative = model
+        .info()
+        .cfg_active(spec.guidance.scale)
+        .then_some(spec.negative_prompt.as_str());
+    model.encode(&spec.prompt, negative)
+}
 
-    /// Generate a spec's images in one batched loop; `on_step(done, total)` after each step.
-    pub fn generate(
-        &self,
-        spec: &GenerateSpec,
-        mut on_step: impl FnMut(usize, usize),
-    ) -> Result<Vec<RgbImage>> {
-        let cond = self.condition(spec)?;
-        let mut items = self.items(spec, &cond)?;
-        let total = spec.steps;
-        while items.iter().any(|i| !i.is_done()) {
-            let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
-            step(self, &mut refs)?;
-            on_step(items[0].steps_done(), total);
-        }
-        let refs: Vec<&DenoiseItem> = items.iter().collect();
-        decode(self, &refs)
+/// The items of a spec, each starting from its own seed's noise.
+pub fn items(
+    model: &dyn Family,
+    spec: &GenerateSpec,
+    cond: &Conditioning,
+) -> Result<Vec<DenoiseItem>> {
+    check_spec(model, spec)?;
+    let sigmas = model.sigmas(spec.steps, spec.width, spec.height)?;
+    spec.seeds
+        .iter()
+        .map(|&seed| {
+            let latent = model.initial_latent(seed, spec.width, spec.height)?;
+            DenoiseItem::new(model, latent, cond.clone(), sigmas.clone(), spec.guidance)
+        })
+        .collect()
+}
+
+/// Generate a spec's images in one batched loop; `on_step(done, total)` after each step.
+pub fn generate(
+    model: &dyn Family,
+    spec: &GenerateSpec,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<Vec<RgbImage>> {
+    let cond = condition(model, spec)?;
+    let mut items = items(model, spec, &cond)?;
+    let total = spec.steps;
+    while items.iter().any(|i| !i.is_done()) {
+        let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
+        step(model, &mut refs)?;
+        on_step(items[0].steps_done(), total);
     }
+    let refs: Vec<&DenoiseItem> = items.iter().collect();
+    decode(model, &refs)
 }

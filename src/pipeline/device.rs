@@ -1,45 +1,117 @@
-//! Device and run-dtype selection from their command-line spellings.
+//! Device and run-dtype selection from their command-line spellings, and process-wide CPU
+//! runtime settings.
 
 use candle_core::{DType, Device};
 
 use super::error::{PipelineError, Result};
 
-/// Open a device from `cpu`, `cuda`, `cuda:N` or `metal`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let spec = spec.trim().to_ascii_lowercase();
-    let dev = match spec.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..].parse().map_err(|_| {
-                PipelineError::InvalidInput(format!("bad device '{spec}': expected cuda:N"))
-            })?;
-            Device::new_cuda(n)?
-        }
-        _ => {
-            return Err(PipelineError::InvalidInput(format!(
-                "unknown device '{spec}': expected cpu, cuda, cuda:N or metal"
-            )))
-        }
-    };
-    Ok(dev)
+/// A device as the command line names it: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA when built in and a card is present, else Metal, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
 }
 
-/// The run dtype: `f32`, `bf16` or `f16`; `None` gives f32 on CPU and bf16 on a GPU.
-pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
-    match spec.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
-        None => Ok(if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        }),
-        Some("f32") | Some("float32") => Ok(DType::F32),
-        Some("bf16") | Some("bfloat16") => Ok(DType::BF16),
-        Some("f16") | Some("float16") => Ok(DType::F16),
-        Some(other) => Err(PipelineError::InvalidInput(format!(
-            "unknown dtype '{other}': expected f32, bf16 or f16"
-        ))),
+impl std::str::FromStr for DeviceSpec {
+    type Err = PipelineError;
+    fn from_str(s: &str) -> Result<Self> {
+        let spec = s.trim().to_ascii_lowercase();
+        Ok(match spec.as_str() {
+            "auto" => Self::Auto,
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda(0),
+            "metal" => Self::Metal,
+            s if s.starts_with("cuda:") => Self::Cuda(s[5..].parse().map_err(|_| {
+                PipelineError::InvalidInput(format!("bad device '{spec}': expected cuda:N"))
+            })?),
+            _ => {
+                return Err(PipelineError::InvalidInput(format!(
+                    "unknown device '{spec}': expected auto, cpu, cuda, cuda:N or metal"
+                )))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. `auto` tries CUDA (when built with it), then Metal, then the CPU, and
+    /// logs what it chose.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => Ok(Device::new_cuda(n)?),
+            Self::Metal => Ok(Device::new_metal(0)?),
+            Self::Auto => {
+                let dev = if candle_core::utils::cuda_is_available() {
+                    Device::new_cuda(0).unwrap_or(Device::Cpu)
+                } else if candle_core::utils::metal_is_available() {
+                    Device::new_metal(0).unwrap_or(Device::Cpu)
+                } else {
+                    Device::Cpu
+                };
+                tracing::info!(device = describe(&dev), "--device auto");
+                Ok(dev)
+            }
+        }
+    }
+}
+
+/// `cpu`, `cuda:N`, `metal`.
+pub fn describe(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The run dtype as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for RunDType {
+    type Err = PipelineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" => Ok(Self::F16),
+            other => Err(PipelineError::InvalidInput(format!(
+                "unknown dtype '{other}': expected f32, bf16 or f16"
+            ))),
+        }
+    }
+}
+
+impl RunDType {
+    /// The dtype to run in on `device`: the one given, else f32 on the CPU and bf16 on a GPU.
+    pub fn resolve(given: Option<Self>, device: &Device) -> DType {
+        match given {
+            Some(Self::F32) => DType::F32,
+            Some(Self::Bf16) => DType::BF16,
+            Some(Self::F16) => DType::F16,
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+        }
     }
 }
 
@@ -75,4 +147,36 @@ fn keep_freed_memory() {
     // SAFETY: setting an option is a plain store into mimalloc's option table; it takes no
     // pointers and is allowed at any time, from any thread.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
+/// Memory the device has in all, in bytes, where it can be told: the CPU's RAM
+/// (`/proc/meminfo`), a CUDA card's memory (`nvidia-smi`); `None` elsewhere.
+pub fn total_memory(dev: &Device) -> Option<u64> {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kib: u64 = info
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        }
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.total",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    &gpu_id.to_string(),
+                ])
+                .output()
+                .ok()?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            Some(mib << 20)
+        }
+        candle_core::DeviceLocation::Metal { .. } => None,
+    }
 }

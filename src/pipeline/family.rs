@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::error::Result;
+use super::error::{PipelineError, Result};
 use super::image::RgbImage;
 
 /// How a family combines the positive and negative predictions of a guided step.
@@ -78,9 +78,17 @@ pub trait Family: Send {
     fn dtype(&self) -> DType;
     /// Bytes of weights this pipeline holds on its device.
     fn weight_bytes(&self) -> u64;
-    /// Check a size: positive multiples of [`FamilyInfo::size_multiple`] (or the family's own
-    /// rule), with a clear message otherwise.
-    fn check_size(&self, width: usize, height: usize) -> Result<()>;
+    /// Check a size: positive multiples of [`FamilyInfo::size_multiple`], with a clear
+    /// message otherwise.
+    fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let m = self.info().size_multiple;
+        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+            return Err(PipelineError::InvalidInput(format!(
+                "width and height must be positive multiples of {m} (got {width}x{height})"
+            )));
+        }
+        Ok(())
+    }
     /// Encode a prompt, and the negative prompt when `negative` is given (CFG on).
     fn encode(&self, prompt: &str, negative: Option<&str>) -> Result<Conditioning>;
     /// The `steps + 1` sigmas of a run at this image size, ending at 0.

@@ -4,13 +4,7 @@ use candle_core::{DType, Tensor};
 
 use super::error::Result;
 
-/// An 8-bit RGB image, row-major, `width * height * 3` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    pub width: u32,
-    pub height: u32,
-    pub data: Vec<u8>,
-}
+pub use crate::image::RgbImage;
 
 /// `(B, 3, H, W)` in [-1, 1] -> one RGB image per item: `clamp(x/2 + 0.5, 0, 1)`, then
 /// `round(x * 255)` with ties to even (numpy's rounding), all in f32.

@@ -208,6 +208,16 @@ impl ModelFiles {
         Ok(vec![self.file(&format!("{component}/{stem}.safetensors"))?])
     }
 
+    /// Number of parameters (elements of all tensors) of a component, from the safetensors
+    /// headers alone (nothing is loaded): what sizes the pipeline in memory.
+    pub fn parameter_count(&self, component: &str, stem: &str) -> Result<u64> {
+        let mut total = 0u64;
+        for path in self.safetensors(component, stem)? {
+            total += safetensors_elements(&path)?;
+        }
+        Ok(total)
+    }
+
     /// A VarBuilder over a component's weights in `dtype` on `device`.
     pub fn var_builder(
         &self,
@@ -234,6 +244,31 @@ fn mmap_var_builder(
         let names: Vec<_> = files.iter().map(|f| f.display().to_string()).collect();
         load_err(format!("cannot read safetensors {}: {e}", names.join(", ")))
     })
+}
+
+/// Elements of every tensor in one safetensors file, read from its JSON header.
+fn safetensors_elements(path: &Path) -> Result<u64> {
+    use std::io::Read;
+    let bad = |why: String| load_err(format!("{}: {why}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("header of {len} bytes is not plausible")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("truncated header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("malformed header: {e}")))?;
+    Ok(header
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("shape")?.as_array().cloned())
+        .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
+        .sum())
 }
 
 /// Read and parse a JSON file, naming it in the error.

@@ -1,60 +1,67 @@
 //! Everything that knows candle: loading weights, the models, sampling, decoding to RGB.
 //!
-//! The layers above see plain types ([`GenerateSpec`], [`RgbImage`]) and opaque handles
-//! ([`DenoiseItem`], [`Conditioning`]).
+//! The layers above see plain types ([`GenerateSpec`], [`RgbImage`]), the model seam
+//! ([`Family`], loaded through [`registry`]) and opaque handles ([`DenoiseItem`],
+//! [`Conditioning`]).
 
+pub mod attention;
 pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod family;
+pub mod flux2;
 pub mod image;
 pub mod kernels;
 pub mod load;
 pub mod noise;
+pub mod prompt;
+pub mod qwen3;
+pub mod registry;
 pub mod sampler;
+pub mod vae;
 pub mod z_image;
 
-pub use denoise::{Conditioning, DenoiseItem, GenerateSpec};
+pub use denoise::{DenoiseItem, GenerateSpec};
+pub use device::{DeviceSpec, RunDType};
 pub use error::{PipelineError, Result};
+pub use family::{Conditioning, Family, FamilyInfo, LoadOptions};
+pub use flux2::Flux2Klein;
 pub use image::RgbImage;
 pub use load::{ModelFiles, WeightSource};
 pub use sampler::Guidance;
 pub use z_image::ZImage;
 
-/// Where and how a pipeline runs, in the spellings of the command line.
+/// Where and how a pipeline runs, as the command line gives it.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// `cpu`, `cuda`, `cuda:N`, `metal`; empty means `cpu`.
-    pub device: String,
-    /// `f32`, `bf16`, `f16`; `None` picks f32 on CPU and bf16 on a GPU.
-    pub dtype: Option<String>,
+    pub device: DeviceSpec,
+    /// `None` picks f32 on the CPU and bf16 on a GPU.
+    pub dtype: Option<RunDType>,
     /// Keep the text encoder in host memory and run it on the CPU.
     pub offload_text_encoder: bool,
 }
 
-/// Load a Z-Image pipeline from a source string (`DIR` or `hf:ORG/REPO[@REV]`) onto a device
-/// (`cpu`, `cuda[:N]`, `metal`) in a dtype (`f32`, `bf16`, `f16`; default per device).
-pub fn load_z_image(source: &str, device: &str, dtype: Option<&str>) -> Result<ZImage> {
-    load_z_image_with(
-        source,
-        &RunOptions {
-            device: device.to_string(),
-            dtype: dtype.map(str::to_string),
-            offload_text_encoder: false,
-        },
-    )
+impl RunOptions {
+    /// Open the device and settle the dtype.
+    pub fn open(&self) -> Result<LoadOptions> {
+        let device = self.device.open()?;
+        let dtype = RunDType::resolve(self.dtype, &device);
+        Ok(LoadOptions {
+            device,
+            dtype,
+            offload_text_encoder: self.offload_text_encoder,
+            max_sequence_length: None,
+        })
+    }
 }
 
-/// As [`load_z_image`], with every run option.
-pub fn load_z_image_with(source: &str, opts: &RunOptions) -> Result<ZImage> {
-    let source: WeightSource = source.parse()?;
-    let dev = if opts.device.is_empty() {
-        "cpu"
-    } else {
-        &opts.device
-    };
-    let device = device::parse_device(dev)?;
-    let dtype = device::parse_dtype(opts.dtype.as_deref(), &device)?;
-    let files = ModelFiles::open(&source)?;
-    ZImage::load_with(&files, &device, dtype, opts.offload_text_encoder)
+/// Load a pipeline from a source (`DIR` or `hf:ORG/REPO[@REV]`) as `family` (or the family its
+/// `model_index.json` names).
+pub fn load(
+    source: &WeightSource,
+    family: Option<&str>,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Family>> {
+    let files = ModelFiles::open(source)?;
+    registry::load(&files, family, opts)
 }

@@ -1,10 +1,12 @@
-//! Flow-matching Euler sampling: the shifted sigma schedule, the model's time input, the Euler
-//! step and classifier-free guidance. Pure functions; all arithmetic in f32 as the reference does.
+//! Flow-matching Euler sampling: the shifted sigma schedules (Z-Image's static shift, FLUX.2's
+//! dynamic exponential shift), the model's time input, the Euler step and classifier-free
+//! guidance. Pure functions; all arithmetic in f32 as the reference does.
 
 use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::error::{PipelineError, Result};
+use super::family::CfgRule;
 
 /// `scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler).
 #[derive(Debug, Clone, Deserialize)]
@@ -38,24 +40,59 @@ pub fn sigmas(cfg: &SchedulerConfig, n: usize) -> Result<Vec<f32>> {
         ));
     }
     let shift = cfg.shift as f32;
+    let mut out: Vec<f32> = base_sigmas(n)
+        .map(|s| shift * s / (1.0 + (shift - 1.0) * s))
+        .collect();
+    out.push(0.0);
+    Ok(out)
+}
+
+/// `linspace(1, 1/n, n)` as numpy computes it in f64, each value cast to f32.
+fn base_sigmas(n: usize) -> impl Iterator<Item = f32> {
     let start = 1.0f64;
     let end = 1.0f64 / n as f64;
-    let mut out: Vec<f32> = (0..n)
-        .map(|i| {
-            // numpy linspace in f64, then cast to f32.
-            let s = if n == 1 {
-                start
+    (0..n).map(move |i| {
+        (if n == 1 {
+            start
+        } else {
+            let step = (end - start) / (n - 1) as f64;
+            if i == n - 1 {
+                end
             } else {
-                let step = (end - start) / (n - 1) as f64;
-                if i == n - 1 {
-                    end
-                } else {
-                    start + i as f64 * step
-                }
-            } as f32;
-            shift * s / (1.0 + (shift - 1.0) * s)
-        })
-        .collect();
+                start + i as f64 * step
+            }
+        }) as f32
+    })
+}
+
+/// FLUX.2's empirical `mu` for `image_seq_len` image tokens and `steps` steps (f64): a line in
+/// the token count above 4300 tokens, below it an interpolation in the step count between the
+/// lines fitted at 10 and 200 steps (so it jumps at 4300 tokens).
+pub fn flux2_mu(image_seq_len: usize, steps: usize) -> f64 {
+    let (a1, b1) = (8.73809524e-05, 1.89833333);
+    let (a2, b2) = (0.00016927, 0.45666666);
+    let l = image_seq_len as f64;
+    if image_seq_len > 4300 {
+        return a2 * l + b2;
+    }
+    let m200 = a2 * l + b2;
+    let m10 = a1 * l + b1;
+    let a = (m200 - m10) / 190.0;
+    let b = m200 - 200.0 * a;
+    a * steps as f64 + b
+}
+
+/// The sigmas of an `n`-step run with the exponential time shift of dynamic shifting:
+/// `s' = e / (e + (1/s - 1))`, `e = exp(mu)` rounded to f32 and every operation in f32 as the
+/// reference (numpy float32) does; then a final 0 (n + 1 values).
+pub fn sigmas_exponential(n: usize, mu: f64) -> Result<Vec<f32>> {
+    if n == 0 {
+        return Err(PipelineError::InvalidInput(
+            "steps must be at least 1".into(),
+        ));
+    }
+    let e = mu.exp() as f32;
+    let mut out: Vec<f32> = base_sigmas(n).map(|s| e / (e + (1.0 / s - 1.0))).collect();
     out.push(0.0);
     Ok(out)
 }
@@ -75,10 +112,10 @@ pub fn model_time(cfg: &SchedulerConfig, timestep: f32) -> f32 {
     (scale - timestep) / scale
 }
 
-/// Euler step on the raw model output `o` (velocity `-o`): `x + (s_next - s) * (-o)`.
-pub fn euler_step(x: &Tensor, model_out: &Tensor, sigma: f32, sigma_next: f32) -> Result<Tensor> {
+/// Euler step on a velocity `v` (dx/dsigma): `x + (s_next - s) v`.
+pub fn euler_step(x: &Tensor, v: &Tensor, sigma: f32, sigma_next: f32) -> Result<Tensor> {
     let dt = (sigma_next - sigma) as f64;
-    Ok((x - (model_out * dt)?)?)
+    Ok((x + (v * dt)?)?)
 }
 
 /// Guidance settings of one item.
@@ -110,6 +147,20 @@ impl Guidance {
         } else {
             self.scale
         }
+    }
+}
+
+/// Combine a guided step's two predictions by the family's rule (`g` the scale in force).
+pub fn combine_cfg(
+    rule: CfgRule,
+    pos: &Tensor,
+    neg: &Tensor,
+    g: f32,
+    normalization: f32,
+) -> Result<Tensor> {
+    match rule {
+        CfgRule::PositivePlus => apply_cfg(pos, neg, g, normalization),
+        CfgRule::NegativePlus => Ok((neg + ((pos - neg)? * g as f64)?)?),
     }
 }
 
@@ -152,7 +203,11 @@ mod tests {
     #[test]
     fn no_step_has_zero_length() {
         for n in 1..60 {
-            let s = sigmas(&turbo(), n).unwrap_or_default();
+            let s = match sigmas(&turbo(), n) {
+                Ok(s) => s,
+                Err(e) => panic!("n={n}: {e}"),
+            };
+            assert_eq!(s.len(), n + 1, "n={n}: {s:?}");
             assert!(s.windows(2).all(|w| w[1] < w[0]), "n={n}: {s:?}");
         }
     }
@@ -160,6 +215,29 @@ mod tests {
     #[test]
     fn zero_steps_is_an_error() {
         assert!(sigmas(&turbo(), 0).is_err());
+        assert!(sigmas_exponential(0, 1.0).is_err());
+    }
+
+    #[test]
+    fn flux2_schedule_at_1024_four_steps() {
+        // 64x64 tokens; values from the reference's cases/schedules.json (diffusers 0.42.1).
+        let mu = flux2_mu(4096, 4);
+        assert!((mu - 2.291179894115571).abs() < 1e-12, "{mu}");
+        let s = sigmas_exponential(4, mu).unwrap_or_default();
+        let want: Vec<f32> = [
+            1.0f64,
+            0.9673840403556824,
+            0.908143937587738,
+            0.7671999335289001,
+            0.0,
+        ]
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+        assert_eq!(s, want);
+        // Above 4300 tokens mu no longer depends on the steps.
+        assert_eq!(flux2_mu(6889, 4), flux2_mu(6889, 50));
+        assert!((flux2_mu(6889, 4) - 1.6228).abs() < 1e-4);
     }
 
     #[test]

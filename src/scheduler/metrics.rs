@@ -1,62 +1,9 @@
-//! Scheduler metrics, rendered in the Prometheus text format.
+//! The scheduler's counters; their names and rendering are in `crate::metrics`.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// A cumulative histogram with fixed upper bounds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    inner: Mutex<HistState>,
-}
-
-#[derive(Debug, Default)]
-struct HistState {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            inner: Mutex::new(HistState {
-                counts: vec![0; bounds.len()],
-                ..Default::default()
-            }),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, b) in self.bounds.iter().enumerate() {
-            if v <= *b {
-                s.counts[i] += 1;
-            }
-        }
-        s.sum += v;
-        s.count += 1;
-    }
-
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&s.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", s.count);
-        let _ = writeln!(out, "{name}_sum {}", s.sum);
-        let _ = writeln!(out, "{name}_count {}", s.count);
-    }
-}
-
-const SECONDS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
-];
-const BATCH: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0];
+use crate::metrics::{self as m, Exposition, Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
 
 /// Everything the scheduler counts.
 #[derive(Debug)]
@@ -67,10 +14,14 @@ pub struct Metrics {
     pub jobs_failed: AtomicU64,
     pub jobs_cancelled: AtomicU64,
     pub jobs_rejected_busy: AtomicU64,
+    pub pipeline_loads: AtomicU64,
+    pub pipeline_load_seconds: Histogram,
     pub batch_size: Histogram,
     pub image_latency: Histogram,
     pub queue_wait: Histogram,
     pub step_seconds: Histogram,
+    /// Per worker: its device's name and the images it decoded.
+    workers: Mutex<Vec<(String, u64)>>,
 }
 
 impl Default for Metrics {
@@ -82,84 +33,63 @@ impl Default for Metrics {
             jobs_failed: AtomicU64::new(0),
             jobs_cancelled: AtomicU64::new(0),
             jobs_rejected_busy: AtomicU64::new(0),
-            batch_size: Histogram::new(BATCH),
-            image_latency: Histogram::new(SECONDS),
-            queue_wait: Histogram::new(SECONDS),
-            step_seconds: Histogram::new(SECONDS),
+            pipeline_loads: AtomicU64::new(0),
+            pipeline_load_seconds: Histogram::new(SECONDS_BUCKETS),
+            batch_size: Histogram::new(BATCH_BUCKETS),
+            image_latency: Histogram::new(SECONDS_BUCKETS),
+            queue_wait: Histogram::new(SECONDS_BUCKETS),
+            step_seconds: Histogram::new(SECONDS_BUCKETS),
+            workers: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Metrics {
+    /// Name the workers (their devices, in `--device` order).
+    pub fn set_workers(&self, devices: Vec<String>) {
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) =
+            devices.into_iter().map(|d| (d, 0)).collect();
+    }
+
+    pub fn add_worker_images(&self, worker: usize, n: u64) {
+        if let Some(w) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(worker)
+        {
+            w.1 += n;
+        }
+    }
+
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-        };
-        gauge(
-            &mut out,
-            "diffusiond_queue_depth",
-            "Jobs waiting for the device.",
-            "gauge",
-            &self.queue_depth,
-        );
-        gauge(
-            &mut out,
-            "diffusiond_running_images",
-            "Images in the running denoising batch.",
-            "gauge",
-            &self.running_images,
-        );
-        gauge(
-            &mut out,
-            "diffusiond_device_images_total",
-            "Images decoded on the device (stored or not).",
-            "counter",
-            &self.images_generated,
-        );
-        gauge(
-            &mut out,
-            "diffusiond_jobs_failed_total",
-            "Jobs whose generation failed.",
-            "counter",
-            &self.jobs_failed,
-        );
-        gauge(
-            &mut out,
-            "diffusiond_jobs_cancelled_total",
-            "Jobs dropped because their client went away.",
-            "counter",
-            &self.jobs_cancelled,
-        );
-        gauge(
-            &mut out,
-            "diffusiond_jobs_rejected_busy_total",
-            "Jobs refused because the queue was full.",
-            "counter",
-            &self.jobs_rejected_busy,
-        );
-        self.batch_size.render(
-            &mut out,
-            "diffusiond_batch_size",
-            "Images per denoising step.",
-        );
-        self.image_latency.render(
-            &mut out,
-            "diffusiond_image_latency_seconds",
-            "Time from submit to finished image, per image.",
-        );
-        self.queue_wait.render(
-            &mut out,
-            "diffusiond_queue_wait_seconds",
-            "Time a job waited before its first step.",
-        );
-        self.step_seconds.render(
-            &mut out,
-            "diffusiond_step_seconds",
-            "Wall time of one batched denoising step.",
-        );
-        out
+        let get = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
+        let mut out = Exposition::default();
+        out.value(&m::QUEUE_DEPTH, get(&self.queue_depth));
+        out.value(&m::RUNNING_IMAGES, get(&self.running_images));
+        out.value(&m::IMAGES_DECODED, get(&self.images_generated));
+        out.value(&m::JOBS_FAILED, get(&self.jobs_failed));
+        out.value(&m::JOBS_CANCELLED, get(&self.jobs_cancelled));
+        out.value(&m::JOBS_REJECTED_BUSY, get(&self.jobs_rejected_busy));
+        out.value(&m::PIPELINE_LOADS, get(&self.pipeline_loads));
+        {
+            let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            let index: Vec<String> = (0..workers.len()).map(|i| i.to_string()).collect();
+            out.labelled(
+                &m::WORKER_IMAGES,
+                workers.iter().zip(&index).map(|((device, n), i)| {
+                    (
+                        [("worker", i.as_str()), ("device", device.as_str())],
+                        *n as f64,
+                    )
+                }),
+            );
+        }
+        out.histogram(&m::PIPELINE_LOAD_SECONDS, &self.pipeline_load_seconds);
+        out.histogram(&m::BATCH_SIZE, &self.batch_size);
+        out.histogram(&m::IMAGE_LATENCY, &self.image_latency);
+        out.histogram(&m::QUEUE_WAIT, &self.queue_wait);
+        out.histogram(&m::STEP_SECONDS, &self.step_seconds);
+        out.finish()
     }
 }

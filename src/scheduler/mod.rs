@@ -1,15 +1,16 @@
-//! The batching scheduler: one OS thread per device owns the loaded pipelines and runs batched
-//! denoising loops; callers submit jobs through a bounded queue and get results on a oneshot reply.
+//! The batching scheduler: one OS thread per device owns that device's loaded pipelines and runs
+//! batched denoising loops; callers submit jobs through one bounded queue that every device
+//! thread takes from, and get results on a oneshot reply.
 //!
 //! This module is the only way the layers above reach the device. It knows nothing of HTTP.
 
 mod metrics;
+mod pipelines;
 pub mod progress;
 mod queue;
 mod worker;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -17,34 +18,21 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 pub use self::metrics::Metrics;
+use self::pipelines::Pipelines;
 pub use self::progress::{Progress, ProgressRx, ProgressTx, MAX_PREVIEWS};
 pub use self::queue::{Batchable, Queue};
 use self::worker::{Pending, Worker};
-use crate::pipeline::{self, GenerateSpec, Guidance};
+use crate::catalog::Pipeline;
+use crate::image::RgbImage;
+use crate::pipeline::{self, denoise, DeviceSpec, GenerateSpec, Guidance, RunOptions};
 
-/// One generation job: `seeds.len()` images of one prompt at one size.
+/// One generation job: what to generate ([`GenerateSpec`], the pipeline layer's own type:
+/// `spec.seeds.len()` images of one prompt at one size) and which local pipeline runs it.
 #[derive(Debug, Clone)]
 pub struct Job {
     /// Name of the local pipeline (e.g. `z-image-turbo`).
     pub pipeline: String,
-    pub prompt: String,
-    /// Used only when `guidance_scale > 0`.
-    pub negative_prompt: String,
-    pub width: u32,
-    pub height: u32,
-    /// One seed per image; the number of images is `seeds.len()`.
-    pub seeds: Vec<u64>,
-    /// Model evaluations (denoising steps).
-    pub steps: u32,
-    pub guidance_scale: f32,
-}
-
-/// An 8-bit RGB image, row-major, `width * height * 3` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Image {
-    pub width: u32,
-    pub height: u32,
-    pub rgb: Vec<u8>,
+    pub spec: GenerateSpec,
 }
 
 /// Why a submitted job produced no images.
@@ -86,14 +74,14 @@ impl CancelFlag {
 /// result arrives cancels the job at the next step boundary.
 #[derive(Debug)]
 pub struct Ticket {
-    rx: Option<oneshot::Receiver<Result<Vec<Image>, JobError>>>,
+    rx: Option<oneshot::Receiver<Result<Vec<RgbImage>, JobError>>>,
     cancel: CancelFlag,
     finished: bool,
 }
 
 impl Ticket {
     pub(crate) fn new(
-        rx: oneshot::Receiver<Result<Vec<Image>, JobError>>,
+        rx: oneshot::Receiver<Result<Vec<RgbImage>, JobError>>,
         cancel: CancelFlag,
     ) -> Self {
         Self {
@@ -104,7 +92,7 @@ impl Ticket {
     }
 
     /// Wait for the job's images.
-    pub async fn wait(mut self) -> Result<Vec<Image>, JobError> {
+    pub async fn wait(mut self) -> Result<Vec<RgbImage>, JobError> {
         let rx = match self.rx.take() {
             Some(rx) => rx,
             None => return Err(JobError::Cancelled),
@@ -124,46 +112,46 @@ impl Drop for Ticket {
     }
 }
 
-/// One local pipeline to load on the device thread.
-#[derive(Debug, Clone)]
-pub struct PipelineConfig {
-    /// Name used in [`Job::pipeline`] (e.g. `z-image-turbo`).
-    pub name: String,
-    /// Weights source: a local directory in the published layout, or `hf:ORG/REPO[@REVISION]`.
-    pub source: String,
-}
-
 /// How the scheduler runs.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    pub pipelines: Vec<PipelineConfig>,
-    /// `cpu`, `cuda`, `cuda:N` or `metal`.
-    pub device: String,
-    /// `f32`, `bf16`, `f16`; `None` picks f32 on CPU and bf16 on a GPU.
-    pub dtype: Option<String>,
+    /// The pipelines jobs may name; the first is loaded (and warmed up) at start, the others
+    /// when a job first needs them.
+    pub pipelines: Vec<Pipeline>,
+    /// Device, dtype, text-encoder offload.
+    pub run: RunOptions,
+    /// One worker (device thread with its own pipelines) per entry; empty: `run.device` alone.
+    /// Jobs share one queue: a worker with a compatible running batch takes them at its next
+    /// step, an idle worker starts a batch with its fair share of what waits.
+    pub devices: Vec<DeviceSpec>,
     /// Jobs waiting at most; a submit beyond this answers [`SubmitError::QueueFull`] at once.
     pub queue_capacity: usize,
     /// Images in one denoising batch at most (1 turns batching off).
     pub max_batch_images: usize,
-    /// Run one small generation per pipeline before reporting ready.
+    /// Run one small generation of the first pipeline before reporting ready.
     pub warmup: bool,
-    /// Keep text encoders in host memory and run them on the CPU (saves device memory).
-    pub offload_text_encoder: bool,
+    /// Bytes of weights the device may hold at once; `None`: the device's memory less
+    /// [`MEMORY_HEADROOM`] (no limit where the device does not say).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             pipelines: Vec::new(),
-            device: "cpu".into(),
-            dtype: None,
+            run: RunOptions::default(),
+            devices: Vec::new(),
             queue_capacity: 64,
             max_batch_images: 8,
             warmup: true,
-            offload_text_encoder: false,
+            memory_budget: None,
         }
     }
 }
+
+/// Memory kept free for activations, the runtime and allocator slack when the budget is the
+/// device's own size.
+pub const MEMORY_HEADROOM: u64 = 3 << 30;
 
 /// Why the scheduler could not start (weights unreadable, device missing, warm-up failed).
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +164,20 @@ pub(crate) struct Shared {
     cv: Condvar,
     shutting_down: AtomicBool,
     metrics: Metrics,
+    /// Per worker: names of its loaded pipelines, most recently used first (written by the
+    /// worker's thread).
+    loaded: Mutex<Vec<Vec<String>>>,
+    /// Workers waiting for a job now (an idle worker starting a batch leaves the others a share).
+    idle: AtomicUsize,
+}
+
+impl Shared {
+    fn set_loaded(&self, worker: usize, names: Vec<String>) {
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = l.get_mut(worker) {
+            *slot = names;
+        }
+    }
 }
 
 /// The callers' side of the scheduler. Cheap to clone.
@@ -183,7 +185,7 @@ pub(crate) struct Shared {
 pub struct SchedulerHandle {
     shared: Arc<Shared>,
     pipelines: Arc<Vec<String>>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for SchedulerHandle {
@@ -197,29 +199,43 @@ impl std::fmt::Debug for SchedulerHandle {
 /// How many admissions may overtake an incompatible job at the head of the queue.
 const MAX_HEAD_OVERTAKES: usize = 8;
 
-/// Load every pipeline on a new device thread, warm each up, and return once ready.
-/// Blocking: call it from `spawn_blocking` in async code.
+/// Start one device thread per device, load (and warm up) the first pipeline on each, and
+/// return once all are ready. Blocking: call it from `spawn_blocking` in async code.
 pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
     if config.pipelines.is_empty() {
         return Err(StartError("no pipeline to load".into()));
     }
+    let devices = if config.devices.is_empty() {
+        vec![config.run.device]
+    } else {
+        config.devices.clone()
+    };
+    let metrics = Metrics::default();
+    metrics.set_workers(devices.iter().map(|d| d.to_string()).collect());
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::new(config.queue_capacity, MAX_HEAD_OVERTAKES)),
         cv: Condvar::new(),
         shutting_down: AtomicBool::new(false),
-        metrics: Metrics::default(),
+        metrics,
+        loaded: Mutex::new(vec![Vec::new(); devices.len()]),
+        idle: AtomicUsize::new(0),
     });
     let names: Vec<String> = config.pipelines.iter().map(|p| p.name.clone()).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let thread_shared = shared.clone();
-    let thread = std::thread::Builder::new()
-        .name("diffusiond-device".into())
-        .spawn(move || {
-            let loaded = load_all(&config);
-            match loaded {
+    let mut threads = Vec::new();
+    let mut spawn_error = None;
+    for (index, &device) in devices.iter().enumerate() {
+        let mut config = config.clone();
+        config.run.device = device;
+        let thread_shared = shared.clone();
+        let ready_tx = ready_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("diffusiond-device-{index}"))
+            .spawn(move || match prepare(&config, &thread_shared, index) {
                 Ok(pipelines) => {
                     let _ = ready_tx.send(Ok(()));
                     Worker {
+                        index,
                         pipelines,
                         shared: thread_shared,
                         max_batch_images: config.max_batch_images.max(1),
@@ -227,44 +243,70 @@ pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
                     .run();
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+                    let _ = ready_tx.send(Err(format!("device {index} ({device}): {e}")));
                 }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                spawn_error = Some(format!("cannot start a device thread: {e}"));
+                break;
             }
-        })
-        .map_err(|e| StartError(format!("cannot start the device thread: {e}")))?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(SchedulerHandle {
-            shared,
-            pipelines: Arc::new(names),
-            thread: Arc::new(Mutex::new(Some(thread))),
-        }),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(StartError(e))
         }
-        Err(_) => {
-            let _ = thread.join();
-            Err(StartError("the device thread died while loading".into()))
+    }
+    drop(ready_tx);
+    let mut failure = spawn_error;
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "a device thread died while loading".into());
+                break;
+            }
+        }
+    }
+    let handle = SchedulerHandle {
+        shared,
+        pipelines: Arc::new(names),
+        threads: Arc::new(Mutex::new(threads)),
+    };
+    match failure {
+        None => Ok(handle),
+        Some(e) => {
+            handle.shutdown();
+            Err(StartError(e))
         }
     }
 }
 
-/// Load (and warm up) every configured pipeline on the device thread.
-fn load_all(config: &SchedulerConfig) -> Result<HashMap<String, pipeline::ZImage>, String> {
-    let mut out = HashMap::new();
-    for p in &config.pipelines {
+/// On the device thread: open the device, settle the memory budget, load and warm up the
+/// first pipeline.
+fn prepare(config: &SchedulerConfig, shared: &Shared, worker: usize) -> Result<Pipelines, String> {
+    let opts = config.run.open().map_err(|e| e.to_string())?;
+    let budget = config.memory_budget.unwrap_or_else(|| {
+        pipeline::device::total_memory(&opts.device)
+            .map_or(u64::MAX, |m| m.saturating_sub(MEMORY_HEADROOM))
+    });
+    tracing::info!(
+        worker,
+        device = %pipeline::device::describe(&opts.device),
+        dtype = ?opts.dtype,
+        memory_budget = %pipelines::gib(budget),
+        "device ready"
+    );
+    let mut pipelines = Pipelines::new(config.pipelines.clone(), opts, budget);
+    let first = &config.pipelines[0];
+    if let Some(r) = pipelines.ensure(&first.name)? {
+        tracing::info!(pipeline = %first.name, source = %first.weights, seconds = r.seconds, bytes = r.bytes, "pipeline loaded");
+    }
+    shared.set_loaded(worker, pipelines.loaded_names());
+    if config.warmup {
         let t = Instant::now();
-        let opts = pipeline::RunOptions {
-            device: config.device.clone(),
-            dtype: config.dtype.clone(),
-            offload_text_encoder: config.offload_text_encoder,
-        };
-        let model = pipeline::load_z_image_with(&p.source, &opts)
-            .map_err(|e| format!("pipeline {}: {e}", p.name))?;
-        tracing::info!(pipeline = %p.name, source = %p.source, seconds = t.elapsed().as_secs_f64(), "pipeline loaded");
-        if config.warmup {
-            let t = Instant::now();
-            let m = model.size_multiple();
+        if let Some(model) = pipelines.get(&first.name) {
+            let m = model.info().size_multiple;
             let spec = GenerateSpec {
                 prompt: "warm-up".into(),
                 negative_prompt: String::new(),
@@ -274,14 +316,12 @@ fn load_all(config: &SchedulerConfig) -> Result<HashMap<String, pipeline::ZImage
                 steps: 2,
                 guidance: Guidance::none(),
             };
-            model
-                .generate(&spec, |_, _| {})
-                .map_err(|e| format!("pipeline {}: warm-up failed: {e}", p.name))?;
-            tracing::info!(pipeline = %p.name, seconds = t.elapsed().as_secs_f64(), "warm-up done");
+            denoise::generate(model, &spec, |_, _| {})
+                .map_err(|e| format!("pipeline {}: warm-up failed: {e}", first.name))?;
         }
-        out.insert(p.name.clone(), model);
+        tracing::info!(pipeline = %first.name, seconds = t.elapsed().as_secs_f64(), "warm-up done");
     }
-    Ok(out)
+    Ok(pipelines)
 }
 
 impl SchedulerHandle {
@@ -346,9 +386,33 @@ impl SchedulerHandle {
             .len()
     }
 
-    /// Names of the loaded pipelines.
-    pub fn loaded_pipelines(&self) -> Vec<String> {
+    /// Whether every device thread is still running (false once one stopped or died).
+    pub fn is_running(&self) -> bool {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        !threads.is_empty() && threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Names of the pipelines jobs may name.
+    pub fn known_pipelines(&self) -> Vec<String> {
         self.pipelines.as_ref().clone()
+    }
+
+    /// Names of the pipelines loaded on some device now, most recently used first (per device,
+    /// the first device's first).
+    pub fn loaded_pipelines(&self) -> Vec<String> {
+        let per_worker = self
+            .shared
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out: Vec<String> = Vec::new();
+        for name in per_worker.into_iter().flatten() {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
     }
 
     /// Scheduler metrics in the Prometheus text format.
@@ -357,12 +421,12 @@ impl SchedulerHandle {
     }
 
     /// Stop accepting jobs, answer waiting ones with [`JobError::ShuttingDown`], let the running
-    /// batch finish, and join the device thread. Blocking.
+    /// batches finish, and join the device threads. Blocking.
     pub fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.cv.notify_all();
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = thread {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }

@@ -6,7 +6,7 @@
 
 use tokio::sync::mpsc;
 
-use super::Image;
+use crate::image::RgbImage;
 
 /// Most partial images a job may ask for (OpenAI's `partial_images` 0..3).
 pub const MAX_PREVIEWS: usize = 3;
@@ -26,7 +26,7 @@ pub enum Progress {
         index: usize,
         step: usize,
         total: usize,
-        image: Image,
+        image: RgbImage,
     },
 }
 

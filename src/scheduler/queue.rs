@@ -50,6 +50,11 @@ impl<T: Batchable> Queue<T> {
         self.items.is_empty()
     }
 
+    /// Images of every waiting job.
+    pub fn images(&self) -> usize {
+        self.items.iter().map(|j| j.images()).sum()
+    }
+
     /// Add a job at the back; gives it back when the queue is full.
     pub fn push(&mut self, job: T) -> Result<(), T> {
         if self.items.len() >= self.capacity {
@@ -126,6 +131,17 @@ impl<T: Batchable> Queue<T> {
     }
 }
 
+/// Image budget of a batch that an idle worker starts while `idle_workers` (itself included)
+/// are idle and `waiting` images wait: an even share, rounded up, at least 1 and at most
+/// `max_batch`. With one worker this is the whole budget.
+pub fn fair_share(waiting: usize, idle_workers: usize, max_batch: usize) -> usize {
+    let max_batch = max_batch.max(1);
+    if idle_workers <= 1 {
+        return max_batch;
+    }
+    waiting.div_ceil(idle_workers).clamp(1, max_batch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +213,29 @@ mod tests {
         assert!(q.join_running(&"small", 1).is_empty());
         assert_eq!(ids(&q.start_batch(4)), vec![1]);
         assert_eq!(ids(&q.join_running(&"small", 8)), vec![4, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn idle_workers_split_waiting_jobs() {
+        assert_eq!(fair_share(2, 1, 8), 8);
+        assert_eq!(fair_share(2, 2, 8), 1);
+        assert_eq!(fair_share(5, 2, 8), 3);
+        assert_eq!(fair_share(40, 2, 8), 8);
+        assert_eq!(fair_share(0, 3, 8), 1);
+        let mut q = Queue::new(10, 4);
+        for id in 1..=4 {
+            assert!(q.push(j(id, "a", 1)).is_ok());
+        }
+        assert_eq!(q.images(), 4);
+        // Two idle workers: the first takes half, the second the rest.
+        assert_eq!(
+            ids(&q.start_batch(fair_share(q.images(), 2, 8))),
+            vec![1, 2]
+        );
+        assert_eq!(
+            ids(&q.start_batch(fair_share(q.images(), 1, 8))),
+            vec![3, 4]
+        );
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! The device thread: owns the loaded pipelines and runs continuous batched denoising.
+//! A device thread (one per `--device` entry): owns its device's loaded pipelines and runs
+//! continuous batched denoising on jobs taken from the shared queue.
 //!
 //! Each turn of the loop: admit waiting jobs (a new batch, or compatible joiners into the running
 //! one), drop cancelled jobs, run one batched step in which every item has its own timestep,
 //! then decode and answer the jobs whose items are all done. Failures and panics of one turn
 //! fail only the jobs of that batch; the thread goes on.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,16 +13,17 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::pipelines::Pipelines;
 use super::progress::{Progress, ProgressTx};
-use super::queue::Batchable;
-use super::{CancelFlag, Image, Job, JobError, Shared};
-use crate::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use crate::pipeline::{Guidance, RgbImage, ZImage};
+use super::queue::{fair_share, Batchable};
+use super::{CancelFlag, Job, JobError, Shared};
+use crate::pipeline::denoise::{self, DenoiseItem};
+use crate::pipeline::RgbImage;
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
     pub job: Job,
-    pub reply: oneshot::Sender<Result<Vec<Image>, JobError>>,
+    pub reply: oneshot::Sender<Result<Vec<RgbImage>, JobError>>,
     pub cancel: CancelFlag,
     pub submitted: Instant,
     pub span: tracing::Span,
@@ -34,8 +35,8 @@ pub(crate) struct Pending {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BatchKey {
     pipeline: String,
-    width: u32,
-    height: u32,
+    width: usize,
+    height: usize,
     cfg: bool,
 }
 
@@ -44,13 +45,13 @@ impl Batchable for Pending {
     fn batch_key(&self) -> BatchKey {
         BatchKey {
             pipeline: self.job.pipeline.clone(),
-            width: self.job.width,
-            height: self.job.height,
-            cfg: self.job.guidance_scale > 0.0,
+            width: self.job.spec.width,
+            height: self.job.spec.height,
+            cfg: self.job.spec.guidance.scale > 0.0,
         }
     }
     fn images(&self) -> usize {
-        self.job.seeds.len()
+        self.job.spec.seeds.len()
     }
 }
 
@@ -67,7 +68,9 @@ impl Active {
 }
 
 pub(crate) struct Worker {
-    pub pipelines: HashMap<String, ZImage>,
+    /// Position in `--device`; labels metrics and logs.
+    pub index: usize,
+    pub pipelines: Pipelines,
     pub shared: Arc<Shared>,
     pub max_batch_images: usize,
 }
@@ -79,20 +82,11 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn to_images(v: Vec<RgbImage>) -> Vec<Image> {
-    v.into_iter()
-        .map(|i| Image {
-            width: i.width,
-            height: i.height,
-            rgb: i.data,
-        })
-        .collect()
-}
-
 impl Worker {
     pub fn run(mut self) {
         let mut batch: Vec<Active> = Vec::new();
         let mut key: Option<BatchKey> = None;
+        let mut running_images = 0u64;
         loop {
             let admitted = match self.next_jobs(&batch, key.as_ref()) {
                 Some(jobs) => jobs,
@@ -116,12 +110,20 @@ impl Worker {
             if batch.is_empty() {
                 key = None;
             }
-            let images: usize = batch.iter().map(|a| a.items.len()).sum();
-            self.shared
-                .metrics
-                .running_images
-                .store(images as u64, Ordering::Relaxed);
+            // Several workers add up in one gauge: each moves it by its own change.
+            let images = batch.iter().map(|a| a.items.len()).sum::<usize>() as u64;
+            let m = &self.shared.metrics.running_images;
+            if images >= running_images {
+                m.fetch_add(images - running_images, Ordering::Relaxed);
+            } else {
+                m.fetch_sub(running_images - images, Ordering::Relaxed);
+            }
+            running_images = images;
         }
+        self.shared
+            .metrics
+            .running_images
+            .fetch_sub(running_images, Ordering::Relaxed);
         // Shutdown: the running batch has drained; answer anything left.
         for a in batch {
             let _ = a.pending.reply.send(Err(JobError::ShuttingDown));
@@ -153,13 +155,27 @@ impl Worker {
         }
         let jobs = if batch.is_empty() {
             while q.is_empty() && !shared.shutting_down.load(Ordering::SeqCst) {
+                shared.idle.fetch_add(1, Ordering::SeqCst);
                 q = shared.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                shared.idle.fetch_sub(1, Ordering::SeqCst);
             }
             if shared.shutting_down.load(Ordering::SeqCst) {
                 drop(q);
                 return self.next_jobs(batch, key);
             }
-            q.start_batch(self.max_batch_images)
+            // Leave the other idle workers their share, so that concurrent jobs start on
+            // several devices at once instead of queueing in one device's batch.
+            let idle = shared.idle.load(Ordering::SeqCst);
+            let budget = fair_share(q.images(), idle + 1, self.max_batch_images);
+            let jobs = q.start_batch(budget);
+            if !q.is_empty() && idle > 0 {
+                shared.cv.notify_one();
+            }
+            jobs
+        } else if shared.idle.load(Ordering::SeqCst) > 0 {
+            // Another worker is idle: it starts a waiting job now, sooner than this batch's
+            // next step would (and without slowing this batch down).
+            Vec::new()
         } else if let Some(key) = key {
             let running: usize = batch.iter().map(|a| a.items.len()).sum();
             q.join_running(key, self.max_batch_images.saturating_sub(running))
@@ -186,30 +202,46 @@ impl Worker {
         let wait = p.submitted.elapsed();
         self.shared.metrics.queue_wait.observe(wait.as_secs_f64());
         tracing::debug!(parent: &p.span, queue_wait_ms = wait.as_millis() as u64, "admitted to a batch");
-        let Some(model) = self.pipelines.get(&p.job.pipeline) else {
-            let _ = p.reply.send(Err(JobError::Failed(format!(
-                "pipeline '{}' is not loaded",
-                p.job.pipeline
-            ))));
+        // A new batch may need another pipeline: load it now (the device is idle), unloading
+        // least recently used ones to stay within the memory budget. The job waits in the
+        // meantime; its queue wait includes the load.
+        let name = p.job.pipeline.clone();
+        let loaded = {
+            let _span =
+                tracing::info_span!(parent: &p.span, "load_pipeline", pipeline = %name).entered();
+            catch_unwind(AssertUnwindSafe(|| self.pipelines.ensure(&name)))
+        };
+        match loaded {
+            Ok(Ok(Some(r))) => {
+                tracing::info!(parent: &p.span, pipeline = %name, seconds = r.seconds, bytes = r.bytes, unloaded = ?r.unloaded, "pipeline loaded for a queued request");
+                self.shared
+                    .metrics
+                    .pipeline_loads
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.pipeline_load_seconds.observe(r.seconds);
+                self.shared
+                    .set_loaded(self.index, self.pipelines.loaded_names());
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(why)) => {
+                self.fail(p, why);
+                return None;
+            }
+            Err(panic) => {
+                self.fail(p, panic_message(panic));
+                return None;
+            }
+        }
+        let Some(model) = self.pipelines.get(&name) else {
+            self.fail(p, format!("pipeline '{name}' is not loaded"));
             return None;
         };
-        let spec = GenerateSpec {
-            prompt: p.job.prompt.clone(),
-            negative_prompt: p.job.negative_prompt.clone(),
-            width: p.job.width as usize,
-            height: p.job.height as usize,
-            seeds: p.job.seeds.clone(),
-            steps: p.job.steps as usize,
-            guidance: Guidance {
-                scale: p.job.guidance_scale,
-                ..Guidance::none()
-            },
-        };
+        let spec = p.job.spec.clone();
         let span = tracing::info_span!(parent: &p.span, "text_encode");
         let made = span.in_scope(|| {
             catch_unwind(AssertUnwindSafe(|| {
-                let cond = model.condition(&spec)?;
-                model.items(&spec, &cond)
+                let cond = denoise::condition(model, &spec)?;
+                denoise::items(model, &spec, &cond)
             }))
         });
         match made {
@@ -258,10 +290,14 @@ impl Worker {
 
     /// One batched step over every item of every job; a failure fails the whole batch.
     fn step(&mut self, batch: &mut Vec<Active>) {
-        let Some(model) = batch
-            .first()
-            .and_then(|a| self.pipelines.get(&a.pending.job.pipeline))
-        else {
+        let Some(name) = batch.first().map(|a| a.pending.job.pipeline.clone()) else {
+            return;
+        };
+        let Some(model) = self.pipelines.get(&name) else {
+            let why = format!("pipeline '{name}' is no longer loaded");
+            for a in batch.drain(..) {
+                self.fail(a.pending, why.clone());
+            }
             return;
         };
         let started = Instant::now();
@@ -312,7 +348,11 @@ impl Worker {
         if done.is_empty() {
             return;
         }
-        let Some(model) = self.pipelines.get(&done[0].pending.job.pipeline) else {
+        let name = done[0].pending.job.pipeline.clone();
+        let Some(model) = self.pipelines.get(&name) else {
+            let why = format!("pipeline '{name}' is no longer loaded");
+            done.into_iter()
+                .for_each(|a| self.fail(a.pending, why.clone()));
             return;
         };
         let span = tracing::debug_span!("decode", jobs = done.len());
@@ -348,8 +388,11 @@ impl Worker {
                 .metrics
                 .images_generated
                 .fetch_add(mine.len() as u64, Ordering::Relaxed);
-            tracing::info!(parent: &a.pending.span, seconds = latency, images = mine.len(), "generated");
-            let _ = a.pending.reply.send(Ok(to_images(mine)));
+            self.shared
+                .metrics
+                .add_worker_images(self.index, mine.len() as u64);
+            tracing::info!(parent: &a.pending.span, worker = self.index, seconds = latency, images = mine.len(), "generated");
+            let _ = a.pending.reply.send(Ok(mine));
         }
     }
 }

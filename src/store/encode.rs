@@ -1,4 +1,4 @@
-//! Image file formats and encoding of generated RGB images.
+//! Encoding of generated RGB images into their file formats: the only image encoder.
 
 use std::io::Write;
 
@@ -8,46 +8,10 @@ use image::codecs::webp::WebPEncoder;
 use image::{ExtendedColorType, ImageEncoder};
 
 use super::metadata::{self, Provenance};
-use crate::scheduler::Image;
+use crate::image::{ImageFormat, RgbImage};
 
 /// JPEG quality (1-100) of stored images.
 const JPEG_QUALITY: u8 = 92;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    Jpeg,
-    Png,
-    /// Lossless WebP (the encoder available here has no lossy mode).
-    Webp,
-}
-
-impl ImageFormat {
-    /// File extension, as it appears in image URLs.
-    pub fn extension(self) -> &'static str {
-        match self {
-            ImageFormat::Jpeg => "jpg",
-            ImageFormat::Png => "png",
-            ImageFormat::Webp => "webp",
-        }
-    }
-
-    pub fn from_extension(ext: &str) -> Option<Self> {
-        match ext {
-            "jpg" => Some(ImageFormat::Jpeg),
-            "png" => Some(ImageFormat::Png),
-            "webp" => Some(ImageFormat::Webp),
-            _ => None,
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            ImageFormat::Jpeg => "image/jpeg",
-            ImageFormat::Png => "image/png",
-            ImageFormat::Webp => "image/webp",
-        }
-    }
-}
 
 /// How to encode a request's images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,22 +30,27 @@ impl From<ImageFormat> for Encoding {
     }
 }
 
+/// Encode one RGB image into `out` in `format`, at the default quality, without metadata.
+pub fn encode(img: &RgbImage, format: ImageFormat, out: impl Write) -> image::ImageResult<()> {
+    encode_with(img, format.into(), None, out)
+}
+
 /// Encode one RGB image into `out`, with its provenance embedded when given.
-pub fn encode(
-    img: &Image,
+pub fn encode_with(
+    img: &RgbImage,
     encoding: Encoding,
     provenance: Option<&Provenance>,
     mut out: impl Write,
 ) -> image::ImageResult<()> {
     let expected = img.width as usize * img.height as usize * 3;
-    if img.rgb.len() != expected {
+    if img.data.len() != expected {
         return Err(image::ImageError::Parameter(
             image::error::ParameterError::from_kind(
                 image::error::ParameterErrorKind::DimensionMismatch,
             ),
         ));
     }
-    let (w, h, rgb) = (img.width, img.height, img.rgb.as_slice());
+    let (w, h, rgb) = (img.width, img.height, img.data.as_slice());
     let mut buf = Vec::new();
     match (encoding.format, provenance) {
         (ImageFormat::Jpeg, _) => JpegEncoder::new_with_quality(
@@ -123,7 +92,11 @@ pub fn encode(
 
 /// A PNG with the XMP packet, the `parameters` text and `Software` in text chunks before the
 /// image data.
-fn png_with_text(out: &mut Vec<u8>, img: &Image, p: &Provenance) -> Result<(), png::EncodingError> {
+fn png_with_text(
+    out: &mut Vec<u8>,
+    img: &RgbImage,
+    p: &Provenance,
+) -> Result<(), png::EncodingError> {
     let mut enc = png::Encoder::new(out, img.width, img.height);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
@@ -131,6 +104,6 @@ fn png_with_text(out: &mut Vec<u8>, img: &Image, p: &Provenance) -> Result<(), p
     enc.add_itxt_chunk("parameters".into(), p.parameters_text())?;
     enc.add_itxt_chunk("XML:com.adobe.xmp".into(), p.xmp())?;
     let mut writer = enc.write_header()?;
-    writer.write_image_data(&img.rgb)?;
+    writer.write_image_data(&img.data)?;
     writer.finish()
 }

@@ -144,6 +144,7 @@ pub fn jpeg_with_xmp(jpeg: &[u8], xmp: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+#[cfg(test)]
 /// The XMP packet of a JPEG, if it has one.
 pub fn jpeg_xmp(jpeg: &[u8]) -> Option<String> {
     let mut at = 2;
@@ -198,6 +199,7 @@ fn push_chunk(out: &mut Vec<u8>, fourcc: &[u8; 4], payload: &[u8]) -> Option<()>
     Some(())
 }
 
+#[cfg(test)]
 /// The XMP packet of a WebP, if it has one.
 pub fn webp_xmp(webp: &[u8]) -> Option<String> {
     let mut at = 12;
@@ -213,6 +215,7 @@ pub fn webp_xmp(webp: &[u8]) -> Option<String> {
     None
 }
 
+#[cfg(test)]
 /// Text chunks of a PNG as (keyword, text), tEXt and iTXt alike.
 pub fn png_texts(png_bytes: &[u8]) -> Option<Vec<(String, String)>> {
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));

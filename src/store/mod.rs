@@ -2,7 +2,7 @@
 //!
 //! The only module that writes image files. Files are written to a temporary name in the request's
 //! folder and renamed into place, so a reader never sees half a file. Reading goes only through
-//! [`FileStore::read`], which accepts a request ID and file name in the exact shape they are made in,
+//! [`FileStore::open_file`], which accepts a request ID and file name in the exact shape they are made in,
 //! so no path built from a request can leave the store.
 
 mod encode;
@@ -12,11 +12,12 @@ pub mod metadata;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-pub use encode::{encode, Encoding, ImageFormat};
+pub use crate::image::ImageFormat;
+pub use encode::{encode, encode_with, Encoding};
 pub use id::RequestId;
 pub use metadata::Provenance;
 
-use crate::scheduler::Image;
+use crate::image::RgbImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,10 +27,14 @@ pub enum StoreError {
     Encode(#[from] image::ImageError),
 }
 
-/// A stored image's bytes and MIME type.
+/// A stored image, opened for streaming: never read whole into memory.
 #[derive(Debug)]
 pub struct StoredFile {
-    pub bytes: Vec<u8>,
+    pub file: tokio::fs::File,
+    /// Bytes in the file.
+    pub len: u64,
+    /// Last modification (the image's creation: files are never rewritten).
+    pub modified: Option<std::time::SystemTime>,
     pub content_type: &'static str,
 }
 
@@ -57,7 +62,7 @@ impl FileStore {
     pub fn save(
         &self,
         id: &RequestId,
-        images: &[Image],
+        images: &[RgbImage],
         encoding: impl Into<Encoding>,
         provenance: Option<&[Provenance]>,
     ) -> Result<Vec<String>, StoreError> {
@@ -81,28 +86,89 @@ impl FileStore {
         written
     }
 
-    /// Read a stored image, given the URL's request ID and file name. `None` for anything that is
-    /// not exactly a stored image.
-    pub async fn read(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+    /// Open a stored image, given the URL's request ID and file name. `None` for anything that
+    /// is not exactly a stored image.
+    pub async fn open_file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
         let id = RequestId::parse(request_id)?;
         let (_, format) = parse_file_name(file_name)?;
-        let path = self.gen_dir.join(id.as_str()).join(file_name);
+        // Neither the request's directory nor the file may be a symlink (or anything but what
+        // save writes): a link planted under the store must not lead the server elsewhere.
+        let request_dir = self.gen_dir.join(id.as_str());
+        let dir_meta = tokio::fs::symlink_metadata(&request_dir).await.ok()?;
+        if !dir_meta.is_dir() {
+            return None;
+        }
+        let path = request_dir.join(file_name);
         let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
         if !meta.is_file() {
             return None;
         }
-        let bytes = tokio::fs::read(&path).await.ok()?;
+        let file = tokio::fs::File::open(&path).await.ok()?;
+        let meta = file.metadata().await.ok()?;
         Some(StoredFile {
-            bytes,
+            file,
+            len: meta.len(),
+            modified: meta.modified().ok(),
             content_type: format.content_type(),
         })
+    }
+}
+
+impl FileStore {
+    /// A stored image's bytes, read whole (for answers that carry the image inline), through
+    /// the same checks as [`Self::open_file`].
+    pub async fn read_all(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
+        let file = self
+            .open_file(request_id, file_name)
+            .await?
+            .file
+            .into_std()
+            .await;
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            (&file).read_to_end(&mut bytes).ok().map(|_| bytes)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Delete the requests whose folder is older than `max_age` (retention). Blocking: call
+    /// from a blocking thread. Returns how many requests' images were deleted. A folder is
+    /// removed whole, so a URL either still answers or answers 404.
+    pub fn remove_older_than(&self, max_age: std::time::Duration) -> Result<usize, StoreError> {
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.gen_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Only what the store made: request folders, never anything else in the dir.
+            if name.to_str().and_then(RequestId::parse).is_none() {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if !meta.is_dir() {
+                continue;
+            }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if age > max_age {
+                std::fs::remove_dir_all(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }
 
 fn write_atomically(
     dir: &Path,
     name: &str,
-    img: &Image,
+    img: &RgbImage,
     encoding: Encoding,
     provenance: Option<&Provenance>,
 ) -> Result<(), StoreError> {
@@ -113,7 +179,7 @@ fn write_atomically(
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     let tmp = builder.tempfile_in(dir)?;
     let mut out = BufWriter::new(tmp.as_file());
-    encode::encode(img, encoding, provenance, &mut out)?;
+    encode::encode_with(img, encoding, provenance, &mut out)?;
     out.flush()?;
     drop(out);
     tmp.as_file().sync_all()?;
@@ -140,11 +206,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn img(w: u32, h: u32) -> Image {
-        Image {
+    fn img(w: u32, h: u32) -> RgbImage {
+        RgbImage {
             width: w,
             height: h,
-            rgb: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
+            data: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
         }
     }
 
@@ -189,9 +255,14 @@ mod tests {
                 .unwrap();
             assert_eq!(names.len(), 2);
             for (i, name) in names.iter().enumerate() {
-                let f = store.read(id.as_str(), name).await.unwrap();
+                let mut f = store.open_file(id.as_str(), name).await.unwrap();
                 assert_eq!(f.content_type, format.content_type());
-                let decoded = image::load_from_memory(&f.bytes).unwrap();
+                let mut bytes = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut f.file, &mut bytes)
+                    .await
+                    .unwrap();
+                assert_eq!(bytes.len() as u64, f.len);
+                let decoded = image::load_from_memory(&bytes).unwrap();
                 let (w, h) = if i == 0 { (32, 16) } else { (16, 32) };
                 assert_eq!((decoded.width(), decoded.height()), (w, h));
             }
@@ -213,15 +284,77 @@ mod tests {
         store
             .save(&id, &[img(16, 16)], ImageFormat::Png, None)
             .unwrap();
-        assert!(store.read(id.as_str(), "image_0.png").await.is_some());
-        assert!(store.read(id.as_str(), "image_0.jpg").await.is_none());
-        assert!(store.read(id.as_str(), "image_1.png").await.is_none());
-        assert!(store.read("..", "secret.txt").await.is_none());
-        assert!(store.read("req_../../..", "image_0.png").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_0.png").await.is_some());
+        assert!(store.open_file(id.as_str(), "image_0.jpg").await.is_none());
+        assert!(store.open_file(id.as_str(), "image_1.png").await.is_none());
+        assert!(store.open_file("..", "secret.txt").await.is_none());
         assert!(store
-            .read(&RequestId::generate().to_string(), "image_0.png")
+            .open_file("req_../../..", "image_0.png")
             .await
             .is_none());
+        assert!(store
+            .open_file(&RequestId::generate().to_string(), "image_0.png")
+            .await
+            .is_none());
+    }
+
+    /// Issue 15, finding 7: a directory symlink planted as a request's directory was followed,
+    /// serving whatever `image_0.png` the link's target held.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_planted_directory_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let real = RequestId::generate();
+        store
+            .save(&real, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
+        let gen = dir.path().join("files/gen");
+        let planted = RequestId::generate();
+        std::os::unix::fs::symlink(gen.join(real.as_str()), gen.join(planted.as_str())).unwrap();
+        assert!(store
+            .open_file(real.as_str(), "image_0.png")
+            .await
+            .is_some());
+        assert!(store
+            .open_file(planted.as_str(), "image_0.png")
+            .await
+            .is_none());
+        // A symlinked file is refused as before.
+        let linked = RequestId::generate();
+        std::fs::create_dir(gen.join(linked.as_str())).unwrap();
+        std::os::unix::fs::symlink(
+            gen.join(real.as_str()).join("image_0.png"),
+            gen.join(linked.as_str()).join("image_0.png"),
+        )
+        .unwrap();
+        assert!(store
+            .open_file(linked.as_str(), "image_0.png")
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn retention_removes_only_old_request_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let old = RequestId::generate();
+        store
+            .save(&old, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
+        std::fs::write(dir.path().join("files/gen/keep.txt"), b"x").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let new = RequestId::generate();
+        store
+            .save(&new, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
+        let removed = store
+            .remove_older_than(std::time::Duration::from_millis(600))
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(store.open_file(old.as_str(), "image_0.png").await.is_none());
+        assert!(store.open_file(new.as_str(), "image_0.png").await.is_some());
+        assert!(dir.path().join("files/gen/keep.txt").exists());
     }
 
     #[test]
@@ -229,13 +362,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let id = RequestId::generate();
-        let bad = Image {
+        let bad = RgbImage {
             width: 4,
             height: 4,
-            rgb: vec![0; 5],
+            data: vec![0; 5],
         };
         assert!(store.save(&id, &[bad], ImageFormat::Png, None).is_err());
         assert!(!dir.path().join("files/gen").join(id.as_str()).exists());
+    }
+
+    async fn read_back(store: &FileStore, id: &RequestId, name: &str) -> Vec<u8> {
+        store.read_all(id.as_str(), name).await.unwrap()
     }
 
     #[tokio::test]
@@ -265,7 +402,7 @@ mod tests {
                 .save(&id, &[img(32, 16), img(32, 16)], format, Some(&both))
                 .unwrap();
             for (i, name) in names.iter().enumerate() {
-                let bytes = store.read(id.as_str(), name).await.unwrap().bytes;
+                let bytes = read_back(&store, &id, name).await;
                 // Still a valid image of the right size.
                 let decoded = image::load_from_memory(&bytes).unwrap();
                 assert_eq!((decoded.width(), decoded.height()), (32, 16), "{format:?}");
@@ -315,7 +452,7 @@ mod tests {
         store
             .save(&id, &[img(8, 8)], ImageFormat::Jpeg, None)
             .unwrap();
-        let bytes = store.read(id.as_str(), "image_0.jpg").await.unwrap().bytes;
+        let bytes = read_back(&store, &id, "image_0.jpg").await;
         assert_eq!(metadata::jpeg_xmp(&bytes), None);
     }
 

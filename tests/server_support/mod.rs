@@ -37,6 +37,23 @@ pub fn tiny_model() -> PathBuf {
     tiny
 }
 
+/// The tiny random-weight FLUX.2 [klein] of `$DIFFUSIOND_REFERENCE_FLUX2` (default
+/// `../shared/reference-flux2`), which serves `flux-2-pro` in the shipped catalog.
+pub fn tiny_flux2_model() -> PathBuf {
+    let dir = std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
+        });
+    let tiny = dir.join("tiny");
+    assert!(
+        tiny.join("model_index.json").is_file(),
+        "tiny FLUX.2 reference model not found at {} (set DIFFUSIOND_REFERENCE_FLUX2)",
+        tiny.display()
+    );
+    tiny
+}
+
 /// The shipped catalog with sizes scaled down for a CPU and the tiny model (defaults 64, minimum
 /// 64; gpt-image-2 1k/2k/4k = 64/128/256), plus `test-broken-size`, whose size step (8) lets a
 /// size through that the pipeline refuses: the real pipeline's failure path.
@@ -176,6 +193,8 @@ impl Server {
         }
         cmd.arg("--weights")
             .arg(format!("z-image-turbo={}", tiny_model().display()))
+            .arg("--weights")
+            .arg(format!("flux2-klein={}", tiny_flux2_model().display()))
             .args(args)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())

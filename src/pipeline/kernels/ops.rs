@@ -1,18 +1,20 @@
-//! The candle side of the fast kernels: weight preparation and the custom ops that run them on
-//! CPU f32 storage. Every entry point answers `None` when its inputs cannot take the fast path,
-//! and the caller then uses candle's own ops.
+//! The candle-op tier on x86-64: weight preparation and the custom ops that run the slice kernels
+//! (`avx2`, `avx512`) on CPU f32 storage. Every entry point answers `None` when its inputs (or
+//! the CPU) cannot take the fast path, and the layer then uses candle's own ops. `portable.rs`
+//! has the same items for other targets, none of which can be constructed.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape,
     Tensor,
 };
 
-use super::dense::{simd512, PackedWeight};
-use super::group_norm::{self, GroupNormParams};
-use super::pointwise::Pointwise;
-use super::rows;
-use super::simd::{run, simd};
-use super::winograd::{Residual, Winograd3x3};
+use super::avx2::group_norm::{self, GroupNormParams};
+use super::avx2::pointwise::Pointwise;
+use super::avx2::rows;
+use super::avx2::run;
+use super::avx2::winograd::{Residual, Winograd3x3};
+use super::avx512::dense::Panels;
+use super::{avx2, avx512};
 use rayon::prelude::*;
 
 fn cpu_f32(t: &Tensor) -> bool {
@@ -43,7 +45,7 @@ impl FastConv {
         let (cfg, w) = (conv.config(), conv.weight());
         let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
         let bias_ok = conv.bias().is_none_or(cpu_f32);
-        if !plain || !bias_ok || !cpu_f32(w) || simd().is_none() {
+        if !plain || !bias_ok || !cpu_f32(w) || avx2::token().is_none() {
             return Ok(None);
         }
         let (cout, cin, k, k2) = w.dims4()?;
@@ -146,7 +148,7 @@ impl FusedConv<'_> {
 
     /// Convolve every item of `x` into `out` (the output's shape), adding `res`.
     fn run(&self, x: (&CpuStorage, &Layout), out: &mut [f32], res: Residual<'_>) -> Result<()> {
-        let Some(s) = simd() else {
+        let Some(s) = avx2::token() else {
             bail!("fused conv: no AVX2/FMA")
         };
         let (b, cin, h, w) = x.1.shape().dims4()?;
@@ -247,7 +249,7 @@ impl FastNorm {
         eps: f64,
         silu: bool,
     ) -> Result<Option<Self>> {
-        if !cpu_f32(weight) || !cpu_f32(bias) || simd().is_none() || groups == 0 {
+        if !cpu_f32(weight) || !cpu_f32(bias) || avx2::token().is_none() || groups == 0 {
             return Ok(None);
         }
         Ok(Some(Self {
@@ -281,7 +283,7 @@ impl CustomOp1 for GroupNormOp<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd() else {
+        let Some(s) = avx2::token() else {
             bail!("group norm: no AVX2/FMA")
         };
         let x = f32_slice(storage, layout)?;
@@ -305,29 +307,30 @@ impl CustomOp1 for GroupNormOp<'_> {
     }
 }
 
-/// A dense layer's weight packed for the AVX-512 GEMM.
+/// The candle op of a dense layer on CPUs with AVX-512: its weight in the GEMM's panel layout,
+/// packed once at load: `x W (+ b)`, or for the FFN `silu(x W1) * (x W3)` in one pass.
 #[derive(Debug)]
-pub(super) struct FastDense {
-    packed: PackedWeight,
+pub struct PackedDense {
+    panels: Panels,
 }
 
-impl FastDense {
-    /// `Some` for a CPU f32 `(in, out)` weight on a CPU with AVX-512.
+impl PackedDense {
+    /// `Some` when the `(in, out)` weight is CPU f32 and the CPU has AVX-512.
     pub fn prepare(w_t: &Tensor, bias: Option<&Tensor>) -> Result<Option<Self>> {
-        if !cpu_f32(w_t) || !bias.is_none_or(cpu_f32) || simd512().is_none() {
+        if !cpu_f32(w_t) || !bias.is_none_or(cpu_f32) || avx512::token().is_none() {
             return Ok(None);
         }
         let (k, n) = w_t.dims2()?;
         let w = w_t.flatten_all()?.to_vec1::<f32>()?;
         let b = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
         Ok(Some(Self {
-            packed: PackedWeight::new(&w, k, n, b.as_deref()),
+            panels: Panels::new(&w, k, n, b.as_deref()),
         }))
     }
 
-    /// `Some` for CPU f32 `(in, hidden)` gate and up weights on a CPU with AVX-512.
+    /// `Some` when the `(in, hidden)` gate and up weights are CPU f32 and the CPU has AVX-512.
     pub fn prepare_swiglu(w1_t: &Tensor, w3_t: &Tensor) -> Result<Option<Self>> {
-        if !cpu_f32(w1_t) || !cpu_f32(w3_t) || simd512().is_none() {
+        if !cpu_f32(w1_t) || !cpu_f32(w3_t) || avx512::token().is_none() {
             return Ok(None);
         }
         let (k, h) = w1_t.dims2()?;
@@ -341,54 +344,121 @@ impl FastDense {
         let w1 = w1_t.flatten_all()?.to_vec1::<f32>()?;
         let w3 = w3_t.flatten_all()?.to_vec1::<f32>()?;
         Ok(Some(Self {
-            packed: PackedWeight::new_swiglu(&w1, &w3, k, h),
+            panels: Panels::new_swiglu(&w1, &w3, k, h),
         }))
     }
 
     /// Output columns.
     pub fn out_dim(&self) -> usize {
-        self.packed.n()
+        self.panels.n()
     }
 
-    /// The layer on `x (rows, in)` if it is CPU f32.
+    /// The layer on `x (rows, in)`, `None` when `x` cannot take this path (not CPU f32).
     pub fn try_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !cpu_f32(x) || x.rank() != 2 || x.dim(1)? != self.packed.k() {
+        if !cpu_f32(x) || x.rank() != 2 || x.dim(1)? != self.panels.k() {
             return Ok(None);
         }
-        Ok(Some(
-            x.contiguous()?.apply_op1_no_bwd(&DenseOp(&self.packed))?,
-        ))
+        Ok(Some(x.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 
-struct DenseOp<'a>(&'a PackedWeight);
-
-impl CustomOp1 for DenseOp<'_> {
+impl CustomOp1 for PackedDense {
     fn name(&self) -> &'static str {
         "packed-dense"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd512() else {
+        let Some(s) = avx512::token() else {
             bail!("dense: no AVX-512")
         };
         let x = f32_slice(storage, layout)?;
         let (m, _) = layout.shape().dims2()?;
-        let n = self.0.n();
+        let n = self.panels.n();
         let mut y = vec![0f32; m * n];
-        self.0.matmul(s, x, m, &mut y);
+        self.panels.matmul(s, x, m, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
+}
+
+/// An RMSNorm weight on the host, for the fused row passes: CPU f32 on a CPU with AVX2 + FMA.
+#[derive(Debug, Clone)]
+pub(super) struct HostWeight(Vec<f32>);
+
+impl HostWeight {
+    /// `Some` when the weight is CPU f32 and the CPU has AVX2 + FMA.
+    pub fn prepare(w: &Tensor) -> Result<Option<Self>> {
+        if !cpu_f32(w) || avx2::token().is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self(w.to_vec1::<f32>()?)))
+    }
+
+    /// `RMSNorm(x) * w (* scale[item])` for a CPU f32 `x (B, S, dim)`.
+    pub fn norm_scale(&self, x: &Tensor, scale: Option<&[f32]>, eps: f32) -> Result<Tensor> {
+        let op = NormScaleOp {
+            w: &self.0,
+            scale,
+            eps,
+        };
+        x.contiguous()?.apply_op1_no_bwd(&op)
+    }
+
+    /// `x + gate[item] * RMSNorm(h) * w` for CPU f32 `x, h (B, S, dim)`.
+    pub fn residual(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        gate: Option<&[f32]>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let op = ResidualOp {
+            w: &self.0,
+            gate,
+            eps,
+        };
+        x.contiguous()?.apply_op2_no_bwd(&h.contiguous()?, &op)
+    }
+}
+
+/// [`QkvPrepOp`] on a CPU f32 `qkv (B, S, (H + 2 Hkv) D)`: `(q, k, v)` (see
+/// `kernels::qkv_norm_rope`).
+pub(super) fn qkv_norm_rope(
+    qkv: &Tensor,
+    (wq, wk): (&HostWeight, &HostWeight),
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s, _) = qkv.dims3()?;
+    let op = QkvPrepOp {
+        wq: &wq.0,
+        wk: &wk.0,
+        heads,
+        kv_heads,
+        eps,
+    };
+    let flat = qkv
+        .contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+    let (nq, nkv) = (b * heads * s * head_dim, b * kv_heads * s * head_dim);
+    let q = flat.narrow(0, 0, nq)?.reshape((b, heads, s, head_dim))?;
+    let k = flat
+        .narrow(0, nq, nkv)?
+        .reshape((b, kv_heads, s, head_dim))?;
+    let v = flat
+        .narrow(0, nq + nkv, nkv)?
+        .reshape((b, kv_heads, s, head_dim))?;
+    Ok((q, k, v))
 }
 
 /// Rows per parallel task of the row-wise passes.
 const ROW_TASK: usize = 32;
 
 /// `RMSNorm(x) * w (* scale[item])` over `(B, S, dim)`; `scale` is `B * dim`.
-pub(super) struct NormScaleOp<'a> {
-    pub w: &'a [f32],
-    pub scale: Option<&'a [f32]>,
-    pub eps: f32,
+struct NormScaleOp<'a> {
+    w: &'a [f32],
+    scale: Option<&'a [f32]>,
+    eps: f32,
 }
 
 impl CustomOp1 for NormScaleOp<'_> {
@@ -397,7 +467,7 @@ impl CustomOp1 for NormScaleOp<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd() else {
+        let Some(s) = avx2::token() else {
             bail!("rms norm: no AVX2/FMA")
         };
         let x = f32_slice(storage, layout)?;
@@ -429,10 +499,10 @@ impl CustomOp1 for NormScaleOp<'_> {
 }
 
 /// `x + gate[item] * RMSNorm(h) * w` over `(B, S, dim)`; `gate` is `B * dim`.
-pub(super) struct ResidualOp<'a> {
-    pub w: &'a [f32],
-    pub gate: Option<&'a [f32]>,
-    pub eps: f32,
+struct ResidualOp<'a> {
+    w: &'a [f32],
+    gate: Option<&'a [f32]>,
+    eps: f32,
 }
 
 impl CustomOp2 for ResidualOp<'_> {
@@ -447,7 +517,7 @@ impl CustomOp2 for ResidualOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd() else {
+        let Some(s) = avx2::token() else {
             bail!("residual: no AVX2/FMA")
         };
         let (x, h) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
@@ -486,12 +556,12 @@ impl CustomOp2 for ResidualOp<'_> {
 /// `q (B, H, S, D)`, `k (B, Hkv, S, D)`, `v (B, Hkv, S, D)` one after another, q and k
 /// RMS-normed and rotated (cos/sin `(B, S, D/2)`): the split, both norms, both rotary passes and
 /// the three head-major transposes in one pass.
-pub(super) struct QkvPrepOp<'a> {
-    pub wq: &'a [f32],
-    pub wk: &'a [f32],
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub eps: f32,
+struct QkvPrepOp<'a> {
+    wq: &'a [f32],
+    wk: &'a [f32],
+    heads: usize,
+    kv_heads: usize,
+    eps: f32,
 }
 
 impl CustomOp3 for QkvPrepOp<'_> {
@@ -508,7 +578,7 @@ impl CustomOp3 for QkvPrepOp<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(s) = simd() else {
+        let Some(s) = avx2::token() else {
             bail!("qkv prep: no AVX2/FMA")
         };
         let (qkv, cos, sin) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);

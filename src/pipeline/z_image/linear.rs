@@ -1,7 +1,7 @@
 //! Dense layers, loaded once into the layout their GEMM reads fastest.
 //!
 //! - On a CPU with AVX-512 (f32 weights) the weight is packed into the panels of our own GEMM
-//!   (`kernels::PackedDense`) at load and the checkpoint layout is dropped: no call repacks it.
+//!   (`kernels::PackedDense`, the candle-op tier) at load and the checkpoint layout is dropped: no call repacks it.
 //! - Everywhere else (GPU, other dtypes, other CPUs) it is stored pre-transposed as `(in, out)`
 //!   for candle's matmul.
 //!
@@ -143,6 +143,22 @@ impl SwiGlu {
     ) -> Result<Self> {
         let w1 = vb.get((hidden, in_dim), &format!("{gate}.weight"))?;
         let w3 = vb.get((hidden, in_dim), &format!("{up}.weight"))?;
+        Self::from_weights(w1, w3, hidden)
+    }
+
+    /// Load one `{name}.weight` `(2 * hidden, in_dim)` whose first `hidden` rows are the gate
+    /// and the others the up projection (FLUX.2's `linear_in`).
+    pub fn load_fused(vb: &VarBuilder, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
+        let w = vb.get((2 * hidden, in_dim), &format!("{name}.weight"))?;
+        Self::from_weights(
+            w.narrow(0, 0, hidden)?,
+            w.narrow(0, hidden, hidden)?,
+            hidden,
+        )
+    }
+
+    /// From the gate and up weights, each `(hidden, in_dim)`.
+    fn from_weights(w1: Tensor, w3: Tensor, hidden: usize) -> Result<Self> {
         let packed = PackedDense::prepare_swiglu(&w1.t()?.contiguous()?, &w3.t()?.contiguous()?)?;
         let weight = match packed {
             Some(p) => Weight::Packed(p),

@@ -1,29 +1,23 @@
 //! Z-Image (Turbo): Qwen3 text encoder, single-stream DiT, Flux VAE, flow-matching Euler.
 
-pub mod attention;
-pub mod attention_cpu;
-#[cfg(feature = "flash-attn")]
-pub mod attention_cuda;
 pub mod block;
 pub mod config;
+pub mod family;
 pub mod linear;
-pub mod prompt;
 pub mod rope;
-pub mod text_encoder;
-pub mod tiling;
 pub mod transformer;
-pub mod vae;
 
 use candle_core::{DType, Device, Tensor};
 
 use self::config::TransformerConfig;
-use self::prompt::PromptTokenizer;
-use self::text_encoder::TextEncoder;
 use self::transformer::{check_caption_width, ItemInput, Transformer};
-use self::vae::{VaeConfig, VaeDecoder};
 use super::error::{load_err, Result};
+use super::family::{FamilyInfo, LoadOptions};
 use super::load::ModelFiles;
+use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
+use super::qwen3::{self as text_encoder, TextEncoder};
 use super::sampler::SchedulerConfig;
+use super::vae::{tiling, VaeConfig, VaeDecoder};
 
 /// A loaded Z-Image pipeline on one device.
 pub struct ZImage {
@@ -31,9 +25,14 @@ pub struct ZImage {
     text_encoder: TextEncoder,
     transformer: Transformer,
     vae: VaeDecoder,
+    /// The VAE's `scaling_factor` and `shift_factor` (latent de-normalisation).
+    vae_scale: f64,
+    vae_shift: f64,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
+    info: FamilyInfo,
+    weight_bytes: u64,
 }
 
 impl ZImage {
@@ -51,6 +50,21 @@ impl ZImage {
         dtype: DType,
         offload_text_encoder: bool,
     ) -> Result<Self> {
+        Self::load_opts(
+            files,
+            &LoadOptions {
+                device: device.clone(),
+                dtype,
+                offload_text_encoder,
+                max_sequence_length: None,
+            },
+        )
+    }
+
+    /// Load with every option (the text encoder offload, the prompt length cut).
+    pub fn load_opts(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
+        let (device, dtype) = (&opts.device, opts.dtype);
+        let offload_text_encoder = opts.offload_text_encoder;
         let index: serde_json::Value = files.json("model_index.json")?;
         let class = index
             .get("_class_name")
@@ -62,7 +76,11 @@ impl ZImage {
                 files.source()
             )));
         }
-        let tokenizer = PromptTokenizer::from_file(&files.file("tokenizer/tokenizer.json")?)?;
+        let tokenizer = PromptTokenizer::with_template(
+            &files.file("tokenizer/tokenizer.json")?,
+            ChatTemplate::Thinking,
+            opts.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH),
+        )?;
 
         let te_cfg: text_encoder::Config = files.json("text_encoder/config.json")?;
         let (te_device, te_dtype) = if offload_text_encoder && !device.is_cpu() {
@@ -71,7 +89,8 @@ impl ZImage {
             (device.clone(), dtype)
         };
         let te_vb = files.var_builder("text_encoder", "model", te_dtype, &te_device)?;
-        let text_encoder = TextEncoder::new(&te_cfg, te_vb)?;
+        let states = text_encoder::second_to_last(&te_cfg)?;
+        let text_encoder = TextEncoder::new(&te_cfg, &states, te_vb)?;
 
         let tr_cfg: TransformerConfig = files.json("transformer/config.json")?;
         check_caption_width(&tr_cfg, text_encoder.hidden_size())?;
@@ -81,16 +100,34 @@ impl ZImage {
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
         let vae_vb = files.var_builder("vae", "diffusion_pytorch_model", dtype, device)?;
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
+        let vae_scale = vae_cfg
+            .scaling_factor
+            .ok_or_else(|| load_err("vae/config.json has no scaling_factor"))?;
+        let vae_shift = vae_cfg.shift_factor.unwrap_or(0.0);
 
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
+        let te_bytes = if te_device.same_device(device) {
+            files.parameter_count("text_encoder", "model")? * te_dtype.size_in_bytes() as u64
+        } else {
+            0
+        };
+        let weight_bytes = te_bytes
+            + (files.parameter_count("transformer", "diffusion_pytorch_model")?
+                + files.parameter_count("vae", "diffusion_pytorch_model")?)
+                * dtype.size_in_bytes() as u64;
+        let info = family::info(&vae, &transformer);
         Ok(Self {
             tokenizer,
             text_encoder,
             transformer,
             vae,
+            vae_scale,
+            vae_shift,
             scheduler,
             device: device.clone(),
             dtype,
+            info,
+            weight_bytes,
         })
     }
 
@@ -156,9 +193,15 @@ impl ZImage {
         let t = tiling::Tiling::default();
         if t.applies(h, w) {
             let f = self.vae.config().spatial_factor();
-            tiling::decode_tiled(latents, t, f, |tile| self.vae.decode(tile, self.dtype))
+            tiling::decode_tiled(latents, t, f, |tile| self.decode_whole(tile))
         } else {
-            self.vae.decode(latents, self.dtype)
+            self.decode_whole(latents)
         }
+    }
+
+    /// `z = latents / scaling + shift`, then the decoder, without tiling.
+    fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = ((latents / self.vae_scale)? + self.vae_shift)?;
+        self.vae.decode_scaled(&z.to_dtype(self.dtype)?)
     }
 }
