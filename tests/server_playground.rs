@@ -132,14 +132,10 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if self.session.is_some() {
+        if let Some(session) = &self.session {
             let _ = self
                 .http
-                .delete(format!(
-                    "{}/session/{}",
-                    self.base,
-                    self.session.as_ref().unwrap()
-                ))
+                .delete(format!("{}/session/{session}", self.base))
                 .send();
         }
         let _ = self.child.kill();
