@@ -1,7 +1,8 @@
 //! The official `openai` Python SDK (pinned in scripts/openai-venv, installed by this test into a
 //! local virtual environment) drives the real server: models.list, images.generate with b64_json
 //! and url, n=2, sizes, errors, and stream=True with partial_images=2 parsed by the SDK's own
-//! event types (tests/openai_sdk/client.py). Keys mode, so the key travels as the SDK sends it.
+//! event types, for both families, with the final image bit-exact with a plain request's
+//! (tests/openai_sdk/client.py). Keys mode, so the key travels as the SDK sends it.
 //!
 //! Needs python3 with venv and PyPI (or a venv made before). Without them the test says so loudly
 //! and passes locally; under CI=true it fails.
@@ -51,8 +52,9 @@ fn the_official_openai_sdk_works_against_the_server() {
         server.log()
     );
     // Every paid request was charged at its catalog price: 100 + 2 x 250 + 100 (gpt-image-2 at
-    // 128x128 is the test catalog's "2k", low) + 100 (stream) + 100 (plain); refusals cost nothing.
+    // 128x128 is the test catalog's "2k", low) + 100 + 100 (z-image-turbo streamed and plain) +
+    // 250 + 250 (flux-2-pro streamed and plain); refusals cost nothing.
     let (balance, used) = ws.balance_and_used(&key);
-    assert_eq!(balance, 1_000_000 - 900);
-    assert_eq!(used, 5);
+    assert_eq!(balance, 1_000_000 - 1400);
+    assert_eq!(used, 7);
 }

@@ -200,13 +200,20 @@ fn a_generation_through_the_playground_completes_in_chromium() {
     );
     assert_eq!(captions, json!(["seed 42 · 64x64", "seed 43 · 64x64"]));
     let seen = d.js("return window.diffusiondSeen || [];");
-    // (`preview` events are not made yet: the scheduler has no partial images so far.)
-    for name in ["queued", "started", "step", "completed"] {
+    for name in ["queued", "started", "step", "preview", "completed"] {
         assert!(
             seen.as_array().unwrap().iter().any(|n| n == name),
             "the page saw no '{name}' event: {seen}"
         );
     }
+    // Partial images were shown while it ran: 2 per image (4 steps: after steps 1 and 3), each
+    // drawn as a decoded image of the asked size.
+    let shown = d.js("return (window.diffusiondPreviewsShown || []).slice().sort();");
+    assert_eq!(
+        shown,
+        json!([[0, 1, 64], [0, 3, 64], [1, 1, 64], [1, 3, 64]]),
+        "previews shown (image, step, width)"
+    );
     d.wait_for(
         "document.getElementById('credits').textContent.includes('4500')",
         "the credits after 2 x 250",

@@ -132,6 +132,56 @@ fn event_stream_reports_progress_and_ends_with_the_plain_body() {
 }
 
 #[test]
+fn hosted_stream_sends_previews_of_the_real_state_when_asked() {
+    let ws = Workspace::new();
+    let server = ws.serve(&[]);
+    let body = json!({"prompt": "a red fox", "model": "z-image-turbo", "num_images": 2, "seed": 5,
+        "steps": 6, "partial_images": 2, "output_format": "png"});
+    let (status, events) = stream(&server, &body, None, None);
+    assert_eq!(status, 200);
+    // Previews follow the step after which they were made: steps 2 and 4 of 6, one per image.
+    let mut after_step = 0;
+    let mut previews = Vec::new();
+    for (name, data) in &events {
+        match name.as_str() {
+            "step" => after_step = data["step"].as_u64().unwrap(),
+            "preview" => {
+                assert_eq!(data["step"].as_u64().unwrap(), after_step, "{data}");
+                assert_eq!(
+                    (data["steps"].as_u64(), data["width"].as_u64()),
+                    (Some(6), Some(64))
+                );
+                assert_eq!(data["output_format"], "jpeg");
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data["b64_json"].as_str().unwrap())
+                    .unwrap();
+                let img = image::load_from_memory(&bytes).unwrap();
+                assert_eq!((img.width(), img.height()), (64, 64));
+                previews.push((after_step, data["index"].as_u64().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(previews, [(2, 0), (2, 1), (4, 0), (4, 1)], "{events:?}");
+    assert_eq!(events.last().unwrap().0, "completed");
+    // Asking for previews does not change the images.
+    let mut plain_body = body.clone();
+    plain_body.as_object_mut().unwrap().remove("partial_images");
+    let plain = server.post(&plain_body.to_string(), None).success();
+    let done = &events.last().unwrap().1;
+    for i in 0..2 {
+        let a = server
+            .get_url(done["images"][i]["url"].as_str().unwrap())
+            .bytes;
+        let b = server
+            .get_url(plain["images"][i]["url"].as_str().unwrap())
+            .bytes;
+        assert_eq!(a, b, "image {i}");
+    }
+}
+
+#[test]
 fn a_client_that_disconnects_mid_stream_is_cancelled_and_refunded() {
     let ws = Workspace::new();
     let key = ws.create_key(100_000, None);

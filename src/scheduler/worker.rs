@@ -18,7 +18,7 @@ use super::progress::{Progress, ProgressTx};
 use super::queue::{fair_share, Batchable};
 use super::{CancelFlag, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem};
-use crate::pipeline::RgbImage;
+use crate::pipeline::{Family, RgbImage};
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
@@ -317,7 +317,7 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
         let why = match result {
             Ok(Ok(())) => {
-                self.report_steps(batch);
+                self.report_steps(model, batch);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -328,17 +328,57 @@ impl Worker {
         }
     }
 
-    /// Tell the jobs that want progress how far they are.
-    fn report_steps(&self, batch: &[Active]) {
+    /// Tell the jobs that want progress how far they are, and send the previews that are due.
+    /// Only a job that asked for previews has any decoded, so the rest of the batch pays for
+    /// those decodes (time on this thread) and nothing else; a preview never touches an item's
+    /// state, so it never changes an image.
+    fn report_steps(&self, model: &dyn Family, batch: &[Active]) {
         for a in batch {
             let (Some(tx), Some(first)) = (&a.pending.progress, a.items.first()) else {
                 continue;
             };
-            tx.send(Progress::Step {
-                done: first.steps_done(),
-                total: first.steps_total(),
-            });
+            let (done, total) = (first.steps_done(), first.steps_total());
+            tx.send(Progress::Step { done, total });
+            if tx.preview_due(done, total) && !a.pending.cancel.is_cancelled() {
+                self.send_previews(model, a, tx, done, total);
+            }
         }
+    }
+
+    /// Decode each item's current estimate of the clean image and send it. A failed preview is
+    /// logged and skipped: the job goes on.
+    fn send_previews(
+        &self,
+        model: &dyn Family,
+        a: &Active,
+        tx: &ProgressTx,
+        step: usize,
+        total: usize,
+    ) {
+        let started = Instant::now();
+        let span = tracing::debug_span!(parent: &a.pending.span, "preview", step);
+        let _entered = span.enter();
+        for (index, item) in a.items.iter().enumerate() {
+            match catch_unwind(AssertUnwindSafe(|| denoise::preview(model, item))) {
+                Ok(Ok(Some(image))) => tx.send(Progress::Preview {
+                    index,
+                    step,
+                    total,
+                    image,
+                }),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(parent: &a.pending.span, error = %e, "preview failed; the job goes on")
+                }
+                Err(panic) => {
+                    tracing::warn!(parent: &a.pending.span, error = %panic_message(panic), "preview failed; the job goes on")
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .preview_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Decode the jobs whose items are all done, in one VAE batch, and answer them.

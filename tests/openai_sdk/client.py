@@ -62,22 +62,36 @@ try:
 except openai.BadRequestError as e:
     check("opaque" in e.message, "transparent background: 400 that says why")
 
-# partial_images is accepted but no partial images are made yet (the scheduler has no previews).
-stream = client.images.generate(model="z-image-turbo", prompt="a sailing boat", size="64x64", stream=True,
-                                extra_body={"seed": 11, "steps": 6})
-partials, completed = [], []
-for event in stream:
-    if isinstance(event, ImageGenPartialImageEvent):
-        partials.append(event)
-    elif isinstance(event, ImageGenCompletedEvent):
-        completed.append(event)
-    else:
-        check(False, f"unexpected event type {type(event)}")
-check(partials == [], "stream without partial_images: no partial_image events")
-check(len(completed) == 1 and completed[0].type == "image_generation.completed", "stream: one completed event")
-streamed = base64.b64decode(completed[0].b64_json)
 
-plain = client.images.generate(model="z-image-turbo", prompt="a sailing boat", size="64x64", extra_body={"seed": 11, "steps": 6})
-same = base64.b64decode(plain.data[0].b64_json)
-check(streamed == same, "streamed final image is bit-exact with the non-streaming one (same seed)")
+def stream_with_partials(model, prompt, seed, steps):
+    """stream=True, partial_images=2: events parsed by the SDK's own types; returns (partials, final bytes)."""
+    stream = client.images.generate(model=model, prompt=prompt, size="64x64", stream=True, partial_images=2,
+                                    extra_body={"seed": seed, "steps": steps})
+    partials, completed = [], []
+    for event in stream:
+        if isinstance(event, ImageGenPartialImageEvent):
+            check(not completed, f"{model}: partial images come before the completed event")
+            partials.append(event)
+        elif isinstance(event, ImageGenCompletedEvent):
+            completed.append(event)
+        else:
+            check(False, f"unexpected event type {type(event)}")
+    check([p.partial_image_index for p in partials] == [0, 1], f"{model}: two partial_image events, indexes 0 and 1")
+    for p in partials:
+        check(p.type == "image_generation.partial_image" and p.size == "64x64" and p.output_format == "png"
+              and p.background == "opaque" and p.quality and p.created_at > 0,
+              f"{model}: partial_image {p.partial_image_index} fields as OpenAI sends them")
+        check(png_size(base64.b64decode(p.b64_json)) == (64, 64), f"{model}: partial image decodes to a 64x64 PNG")
+    check(len(completed) == 1 and completed[0].type == "image_generation.completed", f"{model}: one completed event")
+    final = base64.b64decode(completed[0].b64_json)
+    check(all(base64.b64decode(p.b64_json) != final for p in partials), f"{model}: partial images are not the final image")
+    check(partials[0].b64_json != partials[1].b64_json, f"{model}: the two partial images differ (taken at different steps)")
+    return final
+
+
+for model, steps in [("z-image-turbo", 6), ("flux-2-pro", 4)]:
+    streamed = stream_with_partials(model, "a sailing boat", 11, steps)
+    plain = client.images.generate(model=model, prompt="a sailing boat", size="64x64", extra_body={"seed": 11, "steps": steps})
+    same = base64.b64decode(plain.data[0].b64_json)
+    check(streamed == same, f"{model}: streamed final image is bit-exact with the non-streaming one (same seed)")
 print("ALL OK", flush=True)

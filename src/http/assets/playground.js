@@ -105,6 +105,7 @@ async function generate(ev) {
       return;
     }
     window.diffusiondSeen = [];
+    window.diffusiondPreviewsShown = [];
     await readEvents(r, (name, data) => {
       window.diffusiondSeen.push(name);
       if (name === "queued") say(`Queued (position ${data.position})...`);
@@ -115,6 +116,9 @@ async function generate(ev) {
         const old = document.getElementById(id);
         const f = figure(`data:image/jpeg;base64,${data.b64_json}`, `image ${data.index}: step ${data.step} of ${data.steps}`, "preview");
         f.id = id;
+        // Recorded once drawn (tests read it): image index, step, decoded width.
+        const img = f.querySelector("img");
+        img.addEventListener("load", () => window.diffusiondPreviewsShown.push([data.index, data.step, img.naturalWidth]));
         if (old) old.replaceWith(f); else $("previews").appendChild(f);
       } else if (name === "completed") {
         $("previews").innerHTML = "";
