@@ -143,6 +143,36 @@ impl ApiError {
     }
 }
 
+/// Fields that errors name first in their message (OpenAI's `param`).
+const PARAMETERS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "width",
+    "height",
+    "num_images",
+    "quality",
+    "resolution",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+    "output_format",
+    "output_compression",
+    "response_format",
+    "background",
+    "partial_images",
+    "stream",
+];
+
+/// The known field a message names first (bare or quoted).
+fn named_field(message: &str) -> Option<&'static str> {
+    let first = message.split([' ', ':']).next().unwrap_or("");
+    let first = first.trim_matches('\'');
+    PARAMETERS.iter().copied().find(|p| *p == first)
+}
+
 impl ApiError {
     /// The field a validation error is about (named as on the OpenAI route).
     fn param(&self) -> Option<&'static str> {
@@ -153,8 +183,11 @@ impl ApiError {
                 V::InvalidModel(_) => Some("model"),
                 V::InvalidDimensions(_) => Some("size"),
                 V::InvalidNumImages(_) => Some("n"),
-                V::InvalidParameter(_) => None,
+                // The messages name their field first (`steps is 0; ...`, `quality 'x' is ...`).
+                V::InvalidParameter(m) => named_field(m),
             },
+            // A field of the wrong JSON type: `field 'steps' must be an integer, ...`.
+            ApiError::InvalidRequest(m) => m.strip_prefix("field ").and_then(named_field),
             _ => None,
         }
     }

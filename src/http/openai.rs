@@ -474,6 +474,15 @@ mod tests {
             let e = p(body.clone()).unwrap_err();
             assert!(e.to_string().contains(needle), "{body}: {e}");
             assert_eq!(e.payload().status.as_u16(), 400);
+            // OpenAI's `param` names the field at fault.
+            let field = body
+                .as_object()
+                .unwrap()
+                .keys()
+                .find(|k| *k != "prompt")
+                .unwrap()
+                .clone();
+            assert_eq!(e.payload().param, Some(field.as_str()), "{body}");
         }
     }
 }

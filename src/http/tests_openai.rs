@@ -140,13 +140,13 @@ async fn openai_errors_have_openai_shape() {
             json!({"prompt": "x", "background": "transparent"}),
             400,
             "invalid_parameter",
-            Value::Null,
+            json!("background"),
         ),
         (
             json!({"prompt": "x", "n": "2"}),
             400,
             "invalid_request",
-            Value::Null,
+            json!("n"),
         ),
         // 1000 credits on the key; 4 x 800 is more.
         (
