@@ -13,7 +13,9 @@ use crate::catalog::{Catalog, Pipeline};
 use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs, WeightsOverride};
 use crate::http::{self, AppState, PublicUrl};
 use crate::infer::{AuthPolicy, Facade, Generator, WorkerState};
-use crate::scheduler::{self, Job, SchedulerConfig, SchedulerHandle, SubmitError, Ticket};
+use crate::scheduler::{
+    self, Job, ProgressTx, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
+};
 use crate::store::FileStore;
 
 /// The scheduler as the facade's generator, with the state `GET /health` reports: `Stopped` from
@@ -32,8 +34,8 @@ impl Generator for DeviceWorker {
             WorkerState::Ready
         }
     }
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
-        self.scheduler.submit(job)
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
+        self.scheduler.submit_with_progress(job, progress)
     }
     fn loaded_pipelines(&self) -> Vec<String> {
         self.scheduler.loaded_pipelines()
@@ -147,10 +149,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scheduler: scheduler.clone(),
         stopping: AtomicBool::new(false),
     });
-    let facade = Arc::new(
-        Facade::new(catalog, policy, store, worker.clone())
-            .with_admission_limit(args.queue_capacity),
-    );
+    let mut facade = Facade::new(catalog, policy, store, worker.clone())
+        .with_admission_limit(args.queue_capacity);
+    if args.no_metadata {
+        facade = facade.without_metadata();
+    }
+    let facade = Arc::new(facade);
     let web = web_policy(&args, mode, bound);
     let state = AppState::new(
         facade.clone(),

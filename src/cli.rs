@@ -258,6 +258,11 @@ pub struct ServeArgs {
     /// closed (a client that stopped reading). Progress, however slow, resets it.
     #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
+    /// Do not write the generation parameters (prompt, model, seed, steps, ...) and the
+    /// "made by a trained model" marker into image files. By default they travel with every image
+    /// (PNG text chunks, XMP in JPEG and WebP), so anyone holding the file can read the prompt.
+    #[arg(long, env = "DIFFUSIOND_NO_METADATA")]
+    pub no_metadata: bool,
 }
 
 /// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.

@@ -143,6 +143,12 @@ pub const STEP_SECONDS: Def = def(
     "Wall time of one batched denoising step.",
 );
 
+pub const PREVIEW_SECONDS: Def = def(
+    "diffusiond_preview_seconds",
+    Kind::Histogram,
+    "Wall time of the partial-image decodes made after one step for one job (its batch waits for them).",
+);
+
 /// Bucket bounds for times, in seconds.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -313,6 +319,7 @@ diffusiond_batch_size_count 3
             IMAGE_LATENCY,
             QUEUE_WAIT,
             STEP_SECONDS,
+            PREVIEW_SECONDS,
         ];
         let mut names: Vec<&str> = all.iter().map(|d| d.name).collect();
         names.sort_unstable();

@@ -6,9 +6,9 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use serde_json::json;
 
 use super::error::ErrorPayload;
+use super::openai::OPENAI_PREFIX;
 use super::AppState;
 use crate::infer::RequestId;
 
@@ -33,11 +33,15 @@ pub async fn request_context(
         if let Some(detail) = &p.detail {
             tracing::error!(request_id = %id, code = p.code, "{detail}");
         }
-        let body = json!({
-            "success": false,
-            "error": { "code": p.code, "message": p.message },
-            "request_id": id.as_str(),
-        });
+        // The OpenAI-compatible routes answer in OpenAI's error shape, the rest in the contract's.
+        let body = if route
+            .as_deref()
+            .is_some_and(|r| r.starts_with(OPENAI_PREFIX))
+        {
+            p.openai_body()
+        } else {
+            p.hosted_body(id.as_str())
+        };
         *res.body_mut() = Body::from(body.to_string());
         res.headers_mut().insert(
             header::CONTENT_TYPE,

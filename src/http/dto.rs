@@ -23,10 +23,12 @@ pub fn raw_request(mut obj: Map<String, Value>) -> Result<RawRequest, ApiError> 
         guidance_scale: number("guidance_scale", take("guidance_scale"))?,
         negative_prompt: string("negative_prompt", take("negative_prompt"))?,
         output_format: string("output_format", take("output_format"))?,
+        // OpenAI's field; the hosted contract has none.
+        output_compression: None,
     })
 }
 
-fn wrong_type(name: &str, expected: &str, got: &Value) -> ApiError {
+pub(super) fn wrong_type(name: &str, expected: &str, got: &Value) -> ApiError {
     let got = match got {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -38,7 +40,7 @@ fn wrong_type(name: &str, expected: &str, got: &Value) -> ApiError {
     ApiError::InvalidRequest(format!("field '{name}' must be {expected}, not {got}"))
 }
 
-fn string(name: &str, v: Option<Value>) -> Result<Option<String>, ApiError> {
+pub(super) fn string(name: &str, v: Option<Value>) -> Result<Option<String>, ApiError> {
     match v {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -48,7 +50,7 @@ fn string(name: &str, v: Option<Value>) -> Result<Option<String>, ApiError> {
 
 /// An integer, also written as a float with no fraction (`512.0`). Values beyond i128 saturate,
 /// so that they fail the field's range check rather than the type check.
-fn integer(name: &str, v: Option<Value>) -> Result<Option<i128>, ApiError> {
+pub(super) fn integer(name: &str, v: Option<Value>) -> Result<Option<i128>, ApiError> {
     let Some(v) = v else {
         return Ok(None);
     };
@@ -70,7 +72,7 @@ fn integer(name: &str, v: Option<Value>) -> Result<Option<i128>, ApiError> {
     }
 }
 
-fn number(name: &str, v: Option<Value>) -> Result<Option<f64>, ApiError> {
+pub(super) fn number(name: &str, v: Option<Value>) -> Result<Option<f64>, ApiError> {
     match v {
         None => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
@@ -78,7 +80,8 @@ fn number(name: &str, v: Option<Value>) -> Result<Option<f64>, ApiError> {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// The hosted contract's success body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GenerateResponse {
     pub success: bool,
     pub images: Vec<ImageDto>,
@@ -86,7 +89,7 @@ pub struct GenerateResponse {
     pub credits_used: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImageDto {
     pub url: String,
     pub seed: u64,

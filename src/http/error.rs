@@ -43,10 +43,44 @@ pub enum ApiError {
 /// The error part of a response, for the middleware to render (and log, when `detail` is set).
 #[derive(Debug, Clone)]
 pub struct ErrorPayload {
+    pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, where one is (OpenAI's `param`).
+    pub param: Option<&'static str>,
     /// What went wrong inside, for the log only (5xx).
     pub detail: Option<String>,
+}
+
+impl ErrorPayload {
+    /// The contract's error body.
+    pub fn hosted_body(&self, request_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "success": false,
+            "error": { "code": self.code, "message": self.message },
+            "request_id": request_id,
+        })
+    }
+
+    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn openai_body(&self) -> serde_json::Value {
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            402 => "insufficient_quota",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
 }
 
 impl ApiError {
@@ -117,16 +151,78 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code, retry_after) = self.status_code();
-        let (message, detail) = match &self {
+/// Fields that errors name first in their message (OpenAI's `param`).
+const PARAMETERS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "width",
+    "height",
+    "num_images",
+    "quality",
+    "resolution",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+    "output_format",
+    "output_compression",
+    "response_format",
+    "background",
+    "partial_images",
+    "stream",
+];
+
+/// The known field a message names first (bare or quoted).
+fn named_field(message: &str) -> Option<&'static str> {
+    let first = message.split([' ', ':']).next().unwrap_or("");
+    let first = first.trim_matches('\'');
+    PARAMETERS.iter().copied().find(|p| *p == first)
+}
+
+impl ApiError {
+    /// The field a validation error is about (named as on the OpenAI route).
+    fn param(&self) -> Option<&'static str> {
+        use ValidationError as V;
+        match self {
+            ApiError::Infer(InferError::Invalid(v)) => match v {
+                V::MissingPrompt | V::PromptTooLong(_) => Some("prompt"),
+                V::InvalidModel(_) => Some("model"),
+                V::InvalidDimensions(_) => Some("size"),
+                V::InvalidNumImages(_) => Some("n"),
+                // The messages name their field first (`steps is 0; ...`, `quality 'x' is ...`).
+                V::InvalidParameter(m) => named_field(m),
+            },
+            // A field of the wrong JSON type: `field 'steps' must be an integer, ...`.
+            ApiError::InvalidRequest(m) => m.strip_prefix("field ").and_then(named_field),
+            _ => None,
+        }
+    }
+
+    /// Status, code, message (generic for internal errors) and log detail.
+    pub fn payload(&self) -> ErrorPayload {
+        let (status, code, _) = self.status_code();
+        let (message, detail) = match self {
             // 5xx bodies stay generic; the detail goes to the log.
             ApiError::Infer(InferError::Internal(detail)) => {
                 ("internal error".to_string(), Some(detail.clone()))
             }
             other => (other.to_string(), None),
         };
+        ErrorPayload {
+            status,
+            code,
+            message,
+            param: self.param(),
+            detail,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, retry_after) = self.status_code();
         let mut res = status.into_response();
         if let ApiError::RangeNotSatisfiable(len) = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
@@ -137,11 +233,7 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        res.extensions_mut().insert(ErrorPayload {
-            code,
-            message,
-            detail,
-        });
+        res.extensions_mut().insert(self.payload());
         res
     }
 }

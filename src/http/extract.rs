@@ -3,12 +3,11 @@
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::dto;
 use super::error::ApiError;
 use super::AppState;
-use crate::infer::{Caller, RawRequest};
+use crate::infer::Caller;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -32,10 +31,10 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
-/// A generation request body: `Content-Type: application/json`, at most 64 KiB of JSON holding an
-/// object. The type is required because the others (a form, `text/plain`) are what a page on
-/// another site may make a browser send without asking the server first.
-pub struct GenerateBody(pub RawRequest);
+/// A request body: `Content-Type: application/json`, at most 64 KiB of JSON holding an object.
+/// The type is required because the others (a form, `text/plain`) are what a page on another
+/// site may make a browser send without asking the server first.
+pub struct JsonObject(pub Map<String, Value>);
 
 /// 415 unless the request says its body is JSON (`application/json`, parameters allowed).
 pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
@@ -51,7 +50,7 @@ pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-impl<S: Send + Sync> FromRequest<S> for GenerateBody {
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
@@ -73,7 +72,7 @@ impl<S: Send + Sync> FromRequest<S> for GenerateBody {
                 "the body must be a JSON object".into(),
             ));
         };
-        Ok(GenerateBody(dto::raw_request(obj)?))
+        Ok(JsonObject(obj))
     }
 }
 

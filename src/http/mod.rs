@@ -1,5 +1,6 @@
 //! The HTTP front (the only module that knows axum): routes, extractors, error mapping.
 
+mod account;
 mod client_io;
 mod context;
 mod dto;
@@ -13,14 +14,18 @@ mod guard;
 mod hangup;
 mod metrics;
 mod models;
+mod openai;
+pub mod openapi;
 mod ops;
+mod playground;
 mod serve;
+mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
@@ -76,6 +81,8 @@ pub struct AppState {
     pub facade: Arc<Facade>,
     pub public_url: Arc<PublicUrl>,
     pub http_metrics: Arc<HttpMetrics>,
+    /// Unix seconds at start (OpenAI's `created` of the model list).
+    pub started_at: u64,
     /// Which hosts and origins may reach the server (http/guard.rs).
     pub web: Arc<WebPolicy>,
     /// `--metrics-auth`: GET /metrics needs a valid key in keys mode.
@@ -89,6 +96,10 @@ impl AppState {
             facade,
             public_url: Arc::new(public_url),
             http_metrics: Arc::new(HttpMetrics::default()),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             web: Arc::new(WebPolicy::default()),
             metrics_auth: false,
         }
@@ -109,14 +120,31 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Every route: (method, path, handler). The OpenAPI document must list exactly these
+/// (`openapi` tests).
+fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("get", "/", get(playground::page)),
+        ("get", "/playground/{asset}", get(playground::asset)),
+        ("post", "/v1/generate", post(generate::generate)),
+        ("post", "/v1/images/generations", post(openai::generations)),
+        ("get", "/v1/models", get(models::list)),
+        ("get", "/v1/account", get(account::account)),
+        ("get", "/files/gen/{request_id}/{file}", get(files::image)),
+        ("get", "/health", get(ops::health)),
+        ("get", "/metrics", get(ops::metrics)),
+        ("get", "/openapi.json", get(openapi::openapi_json)),
+        ("get", "/docs", get(openapi::docs)),
+    ]
+}
+
 /// The whole HTTP surface. Tests can drive it without a socket.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/generate", post(generate::generate))
-        .route("/v1/models", get(models::list))
-        .route("/files/gen/{request_id}/{file}", get(files::image))
-        .route("/health", get(ops::health))
-        .route("/metrics", get(ops::metrics))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .fallback(files::not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -133,3 +161,5 @@ pub fn router(state: AppState) -> Router {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_openai;

@@ -11,13 +11,30 @@ use super::AppState;
 use crate::catalog::{Model, Pipeline, Pricing};
 use crate::infer::guidance_doubles_work;
 
-#[derive(Debug, Serialize)]
+/// The model list, in the hosted shape (`success`, `models`) and OpenAI's (`object`, `data`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelsResponse {
     pub success: bool,
     pub models: Vec<ModelDto>,
+    /// Always `list` (OpenAI's list shape).
+    pub object: &'static str,
+    /// The same models in OpenAI's shape, for `client.models.list()`.
+    pub data: Vec<OpenAiModel>,
 }
 
-#[derive(Debug, Serialize)]
+/// A model in OpenAI's shape.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OpenAiModel {
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix seconds: when this server started.
+    pub created: u64,
+    /// `diffusiond:` + the local pipeline serving it.
+    pub owned_by: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelDto {
     pub id: String,
     /// The local pipeline serving this ID.
@@ -47,7 +64,7 @@ pub struct ModelDto {
 }
 
 /// Resolution x quality pricing (gpt-image-2).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TieredDto {
     /// Resolution -> default square size.
     pub resolutions: BTreeMap<String, u32>,
@@ -101,15 +118,36 @@ fn dto(m: &Model, pipeline: Option<&Pipeline>, loaded: &[String]) -> ModelDto {
     }
 }
 
+/// GET /v1/models.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "hosted",
+    responses(
+        (status = 200, description = "Every model ID", body = ModelsResponse),
+        (status = 401, description = "invalid_api_key", body = super::openapi::ErrorDoc),
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn list(State(state): State<AppState>, _auth: Authed) -> Json<ModelsResponse> {
     let loaded = state.facade.loaded_pipelines();
     let catalog = state.facade.catalog();
+    let models = catalog.models();
     Json(ModelsResponse {
         success: true,
-        models: catalog
-            .models()
+        models: models
             .iter()
             .map(|m| dto(m, catalog.pipeline(&m.pipeline), &loaded))
+            .collect(),
+        object: "list",
+        data: models
+            .iter()
+            .map(|m| OpenAiModel {
+                id: m.id.clone(),
+                object: "model",
+                created: state.started_at,
+                owned_by: format!("diffusiond:{}", m.pipeline),
+            })
             .collect(),
     })
 }

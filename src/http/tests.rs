@@ -15,14 +15,14 @@ use crate::infer::fake::{Fake, Mode};
 use crate::infer::{AuthPolicy, WorkerState};
 use crate::store::FileStore;
 
-struct T {
-    _dir: tempfile::TempDir,
-    app: Router,
-    key: String,
-    fake: Arc<Fake>,
+pub(super) struct T {
+    pub _dir: tempfile::TempDir,
+    pub app: Router,
+    pub key: String,
+    pub fake: Arc<Fake>,
 }
 
-async fn app(keys: bool) -> T {
+pub(super) async fn app(keys: bool) -> T {
     let dir = tempfile::tempdir().unwrap();
     let accounts = Accounts::open(dir.path()).await.unwrap();
     let key = accounts
@@ -58,23 +58,23 @@ async fn app(keys: bool) -> T {
     }
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    bytes: Vec<u8>,
+pub(super) struct Reply {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub bytes: Vec<u8>,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_slice(&self.bytes)
             .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.bytes)))
     }
-    fn code(&self) -> String {
+    pub fn code(&self) -> String {
         self.json()["error"]["code"].as_str().unwrap().to_string()
     }
 }
 
-async fn send(app: &Router, req: Request<Body>) -> Reply {
+pub(super) async fn send(app: &Router, req: Request<Body>) -> Reply {
     let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let headers = res.headers().clone();
@@ -97,7 +97,7 @@ fn post(body: impl Into<Body>, auth: Option<&str>) -> Request<Body> {
     b.body(body.into()).unwrap()
 }
 
-fn get(uri: &str) -> Request<Body> {
+pub(super) fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
 }
 

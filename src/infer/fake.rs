@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{Generator, WorkerState};
 use crate::image::RgbImage;
-use crate::scheduler::{CancelFlag, Job, JobError, SubmitError, Ticket};
+use crate::scheduler::{CancelFlag, Job, JobError, Progress, ProgressTx, SubmitError, Ticket};
 
 type Reply = oneshot::Sender<Result<Vec<RgbImage>, JobError>>;
 
@@ -48,7 +48,7 @@ impl Generator for Fake {
     fn worker_state(&self) -> WorkerState {
         *self.state.lock().unwrap()
     }
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError> {
         let mode = *self.mode.lock().unwrap();
         if mode == Mode::QueueFull
             || self.pending.lock().unwrap().len() >= *self.capacity.lock().unwrap()
@@ -60,6 +60,15 @@ impl Generator for Fake {
         self.flags.lock().unwrap().push(flag.clone());
         match mode {
             Mode::Succeed => {
+                // What the scheduler sends, without a model: queued, started, one event per step.
+                if let Some(p) = &progress {
+                    p.send(Progress::Queued { position: 1 });
+                    p.send(Progress::Started);
+                    let total = job.spec.steps;
+                    for done in 1..=total {
+                        p.send(Progress::Step { done, total });
+                    }
+                }
                 let images = job
                     .spec
                     .seeds

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
-use crate::scheduler::{Job, JobError, SubmitError, Ticket};
-use crate::store::{FileStore, StoredFile};
+use crate::scheduler::{Job, JobError, ProgressTx, SubmitError, Ticket};
+use crate::store::{FileStore, Provenance, StoredFile};
 
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
@@ -40,8 +40,9 @@ pub enum WorkerState {
 pub trait Generator: Send + Sync {
     /// The device worker's state.
     fn worker_state(&self) -> WorkerState;
-    /// Queue a job; never blocks (a full queue answers [`SubmitError::QueueFull`] at once).
-    fn submit(&self, job: Job) -> Result<Ticket, SubmitError>;
+    /// Queue a job, with live progress sent to `progress`; never blocks (a full queue answers
+    /// [`SubmitError::QueueFull`] at once).
+    fn submit(&self, job: Job, progress: Option<ProgressTx>) -> Result<Ticket, SubmitError>;
     /// Names of the pipelines whose weights are loaded.
     fn loaded_pipelines(&self) -> Vec<String>;
     /// Prometheus text lines of the generator's own metrics.
@@ -87,10 +88,12 @@ pub struct Facade {
     auth: AuthPolicy,
     store: FileStore,
     generator: Arc<dyn Generator>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     outstanding: Outstanding,
     /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
     admission: Arc<Semaphore>,
+    /// Write generation parameters into image files.
+    metadata: bool,
 }
 
 impl Facade {
@@ -105,10 +108,17 @@ impl Facade {
             auth,
             store,
             generator,
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             outstanding: Outstanding::default(),
             admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            metadata: true,
         }
+    }
+
+    /// Store images without generation parameters in them (`--no-metadata`).
+    pub fn without_metadata(mut self) -> Self {
+        self.metadata = false;
+        self
     }
 
     /// Resolves once every credit reservation is settled or refunded, including the refunds of
@@ -175,13 +185,24 @@ impl Facade {
         id: &RequestId,
         raw: RawRequest,
     ) -> Result<Generated, InferError> {
+        self.start(caller, id, raw, None).await?.finish().await
+    }
+
+    /// The first half of [`Self::generate`]: validate, admit, charge (reserve) and queue the
+    /// request, with live progress sent to `progress`. Every refusal (bad field, full queue,
+    /// key, quota, credits) comes from here, before anything is streamed. Dropping the
+    /// [`Running`] cancels the job and refunds it.
+    pub async fn start(
+        &self,
+        caller: &Caller,
+        id: &RequestId,
+        raw: RawRequest,
+        progress: Option<ProgressTx>,
+    ) -> Result<Running, InferError> {
         let valid = validate(&self.catalog, raw)?;
         // Admission before reservation: held until this request is answered (or dropped).
-        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
-            let e = InferError::Busy {
-                message: "the generation queue is full; retry shortly",
-                retry_after_secs: BUSY_RETRY_AFTER_SECS,
-            };
+        let Ok(admitted) = self.admission.clone().try_acquire_owned() else {
+            let e = busy("the generation queue is full; retry shortly");
             tracing::warn!(request_id = %id, "refused: {e}");
             return Err(e);
         };
@@ -195,7 +216,109 @@ impl Facade {
             _ => None,
         };
         let started = Instant::now();
-        let result = self.run(id, &valid).await;
+        let ticket = match self.submit(&valid, progress) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(request_id = %id, "refused: {e}");
+                if let Some(r) = reservation {
+                    r.refund().await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(Running {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            metadata: self.metadata,
+            id: id.clone(),
+            valid,
+            reservation,
+            ticket,
+            started,
+            _admitted: admitted,
+        })
+    }
+
+    fn submit(
+        &self,
+        valid: &ValidRequest,
+        progress: Option<ProgressTx>,
+    ) -> Result<Ticket, InferError> {
+        self.generator
+            .submit(valid.job.clone(), progress)
+            .map_err(|e| match e {
+                SubmitError::QueueFull => busy("the generation queue is full; retry shortly"),
+                SubmitError::ShuttingDown => busy("the server is shutting down"),
+                SubmitError::UnknownPipeline(p) => {
+                    InferError::Internal(format!("pipeline '{p}' is not loaded"))
+                }
+            })
+    }
+
+    /// The caller's key: (balance, daily quota, used today); `None` in open mode.
+    pub async fn balance(
+        &self,
+        caller: &Caller,
+    ) -> Result<Option<(i64, Option<i64>, i64)>, InferError> {
+        let (Caller::Key(account), AuthPolicy::Keys(accounts)) = (caller, &self.auth) else {
+            return Ok(None);
+        };
+        let info = accounts.key_info(&account.id).await?;
+        Ok(Some((info.balance, info.daily_quota, info.used_today)))
+    }
+
+    /// A stored image, opened for streaming, by the request ID and file name of its URL.
+    pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+        self.store.open_file(request_id, file_name).await
+    }
+
+    /// A stored image's bytes, whole (to answer it inline as base64).
+    pub async fn file_bytes(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
+        self.store.read_all(request_id, file_name).await
+    }
+
+    /// The generator's metrics, then the facade's.
+    pub fn render_metrics(&self, out: &mut crate::metrics::Exposition) {
+        out.rendered(&self.generator.metrics_text());
+        self.metrics.render(out);
+    }
+}
+
+/// A request accepted into the queue. [`Running::finish`] waits for it; dropping it (a client
+/// that went away) cancels the job and refunds the reservation.
+pub struct Running {
+    store: FileStore,
+    metrics: Arc<Metrics>,
+    metadata: bool,
+    id: RequestId,
+    valid: ValidRequest,
+    reservation: Option<RefundOnDrop>,
+    ticket: Ticket,
+    started: Instant,
+    /// The admission permit, released when the request is answered or dropped.
+    _admitted: OwnedSemaphorePermit,
+}
+
+impl Running {
+    /// The validated request (model, size, seeds, format).
+    pub fn request(&self) -> &ValidRequest {
+        &self.valid
+    }
+
+    /// Wait for the images, store them, and settle (or refund) the charge.
+    pub async fn finish(self) -> Result<Generated, InferError> {
+        let Running {
+            store,
+            metrics,
+            metadata,
+            id,
+            valid,
+            reservation,
+            ticket,
+            started,
+            _admitted,
+        } = self;
+        let result = Self::wait_and_store(store, metadata, &id, &valid, ticket).await;
         match (&result, reservation) {
             (Ok(_), Some(r)) => r.settle().await,
             (Err(_), Some(r)) => r.refund().await,
@@ -206,40 +329,26 @@ impl Facade {
             Ok(g) => {
                 tracing::info!(request_id = %id, model = %valid.model, images = g.images.len(),
                     width = g.width, height = g.height, credits = g.credits_used, seconds, "generated");
-                self.metrics
-                    .success(g.images.len(), g.credits_used, started.elapsed());
+                metrics.success(g.images.len(), g.credits_used, started.elapsed());
             }
             Err(e @ InferError::Busy { .. }) => tracing::warn!(request_id = %id, "refused: {e}"),
             Err(e) => {
                 tracing::warn!(request_id = %id, model = %valid.model, seconds, "failed: {e}");
-                self.metrics.failure();
+                metrics.failure();
             }
         }
         result
     }
 
-    async fn run(&self, id: &RequestId, valid: &ValidRequest) -> Result<Generated, InferError> {
-        let ticket = self
-            .generator
-            .submit(valid.job.clone())
-            .map_err(|e| match e {
-                SubmitError::QueueFull => InferError::Busy {
-                    message: "the generation queue is full; retry shortly",
-                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
-                },
-                SubmitError::ShuttingDown => InferError::Busy {
-                    message: "the server is shutting down",
-                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
-                },
-                SubmitError::UnknownPipeline(p) => {
-                    InferError::Internal(format!("pipeline '{p}' is not loaded"))
-                }
-            })?;
+    async fn wait_and_store(
+        store: FileStore,
+        metadata: bool,
+        id: &RequestId,
+        valid: &ValidRequest,
+        ticket: Ticket,
+    ) -> Result<Generated, InferError> {
         let images = ticket.wait().await.map_err(|e| match e {
-            JobError::ShuttingDown => InferError::Busy {
-                message: "the server is shutting down",
-                retry_after_secs: BUSY_RETRY_AFTER_SECS,
-            },
+            JobError::ShuttingDown => busy("the server is shutting down"),
             JobError::Failed(why) => {
                 tracing::error!(request_id = %id, "generation failed: {why}");
                 InferError::GenerationFailed
@@ -249,49 +358,72 @@ impl Facade {
                 InferError::GenerationFailed
             }
         })?;
-        let (job, format) = (&valid.job, valid.format);
-        if images.len() != job.spec.seeds.len()
+        let job = &valid.job.spec;
+        if images.len() != job.seeds.len()
             || images
                 .iter()
-                .any(|i| (i.width as usize, i.height as usize) != (job.spec.width, job.spec.height))
+                .any(|i| (i.width as usize, i.height as usize) != (job.width, job.height))
         {
-            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.spec.seeds.len(), job.spec.width, job.spec.height);
+            tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
             return Err(InferError::GenerationFailed);
         }
-        let store = self.store.clone();
         let owned_id = id.clone();
-        let names = tokio::task::spawn_blocking(move || store.save(&owned_id, &images, format))
-            .await
-            .map_err(|e| InferError::Internal(format!("store task: {e}")))?
-            .map_err(|e| {
-                tracing::error!(request_id = %id, "storing images failed: {e}");
-                InferError::GenerationFailed
-            })?;
+        let encoding = valid.encoding;
+        let provenance = metadata.then(|| provenance(valid));
+        let names = tokio::task::spawn_blocking(move || {
+            store.save(&owned_id, &images, encoding, provenance.as_deref())
+        })
+        .await
+        .map_err(|e| InferError::Internal(format!("store task: {e}")))?
+        .map_err(|e| {
+            tracing::error!(request_id = %id, "storing images failed: {e}");
+            InferError::GenerationFailed
+        })?;
         Ok(Generated {
             request_id: id.clone(),
             images: names
                 .into_iter()
-                .zip(&job.spec.seeds)
+                .zip(&job.seeds)
                 .map(|(file_name, seed)| GeneratedImage {
                     file_name,
                     seed: *seed,
                 })
                 .collect(),
             credits_used: valid.credits,
-            width: job.spec.width as u32,
-            height: job.spec.height as u32,
+            width: job.width as u32,
+            height: job.height as u32,
         })
     }
+}
 
-    /// A stored image, opened for streaming, by the request ID and file name of its URL.
-    pub async fn file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
-        self.store.open_file(request_id, file_name).await
-    }
+/// What is written into each image of a request (one entry per image).
+fn provenance(valid: &ValidRequest) -> Vec<Provenance> {
+    let job = &valid.job.spec;
+    job.seeds
+        .iter()
+        .map(|&seed| Provenance {
+            prompt: job.prompt.clone(),
+            negative_prompt: if job.guidance.scale > 0.0 {
+                job.negative_prompt.clone()
+            } else {
+                String::new()
+            },
+            model: valid.model.clone(),
+            pipeline: valid.job.pipeline.clone(),
+            seed,
+            steps: job.steps as u32,
+            guidance_scale: job.guidance.scale,
+            width: job.width as u32,
+            height: job.height as u32,
+            software: Provenance::software_name(),
+        })
+        .collect()
+}
 
-    /// The generator's metrics, then the facade's.
-    pub fn render_metrics(&self, out: &mut crate::metrics::Exposition) {
-        out.rendered(&self.generator.metrics_text());
-        self.metrics.render(out);
+fn busy(message: &'static str) -> InferError {
+    InferError::Busy {
+        message,
+        retry_after_secs: BUSY_RETRY_AFTER_SECS,
     }
 }
 

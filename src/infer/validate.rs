@@ -4,7 +4,7 @@
 use crate::catalog::{Catalog, Model, Pricing, GUIDANCE_RANGE, STEPS_RANGE};
 use crate::pipeline::{GenerateSpec, Guidance};
 use crate::scheduler::Job;
-use crate::store::ImageFormat;
+use crate::store::{Encoding, ImageFormat};
 
 use super::error::ValidationError;
 
@@ -29,6 +29,8 @@ pub struct RawRequest {
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
     pub output_format: Option<String>,
+    /// JPEG quality 0-100 (OpenAI's `output_compression`; the hosted route has no such field).
+    pub output_compression: Option<i128>,
 }
 
 /// A request that passed every check, ready to charge and run.
@@ -38,7 +40,7 @@ pub struct ValidRequest {
     pub model: String,
     /// What the scheduler runs; `job.seeds` has one seed per image.
     pub job: Job,
-    pub format: ImageFormat,
+    pub encoding: Encoding,
     /// price per image x number of images.
     pub credits: i64,
 }
@@ -145,6 +147,17 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
             })?,
     };
 
+    let quality = match raw.output_compression {
+        None => None,
+        Some(c) => Some(
+            u8::try_from(c)
+                .ok()
+                .filter(|c| *c <= 100)
+                .ok_or_else(|| param(format!("output_compression is {c}; it must be 0 to 100")))?
+                .max(1),
+        ),
+    };
+
     Ok(ValidRequest {
         model: model.id.clone(),
         job: Job {
@@ -164,7 +177,7 @@ pub fn validate(catalog: &Catalog, raw: RawRequest) -> Result<ValidRequest, Vali
                 },
             },
         },
-        format,
+        encoding: Encoding { format, quality },
         credits: price_of_work(tier.price, steps, default_steps, cfg, n).ok_or_else(|| {
             param(format!(
                 "the price of this request ({} credits an image x {steps}/{default_steps} steps{} \
@@ -333,7 +346,7 @@ mod tests {
             (z.job.pipeline.as_str(), z.job.spec.steps),
             ("z-image-turbo", 8)
         );
-        assert_eq!(v.format, ImageFormat::Jpeg);
+        assert_eq!(v.encoding.format, ImageFormat::Jpeg);
     }
 
     #[test]
@@ -562,7 +575,7 @@ mod tests {
             (3, 4.0, 7)
         );
         assert_eq!(v.job.spec.negative_prompt, "blurry");
-        assert_eq!(v.format, ImageFormat::Webp);
+        assert_eq!(v.encoding.format, ImageFormat::Webp);
     }
 
     /// Issue 15, finding 3: a size beyond the requested tier was priced at that tier.

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub image_latency: Histogram,
     pub queue_wait: Histogram,
     pub step_seconds: Histogram,
+    /// Partial-image decodes after one step of one job.
+    pub preview_seconds: Histogram,
     /// Per worker: its device's name and the images it decoded.
     workers: Mutex<Vec<(String, u64)>>,
 }
@@ -39,6 +41,7 @@ impl Default for Metrics {
             image_latency: Histogram::new(SECONDS_BUCKETS),
             queue_wait: Histogram::new(SECONDS_BUCKETS),
             step_seconds: Histogram::new(SECONDS_BUCKETS),
+            preview_seconds: Histogram::new(SECONDS_BUCKETS),
             workers: Mutex::new(Vec::new()),
         }
     }
@@ -90,6 +93,7 @@ impl Metrics {
         out.histogram(&m::IMAGE_LATENCY, &self.image_latency);
         out.histogram(&m::QUEUE_WAIT, &self.queue_wait);
         out.histogram(&m::STEP_SECONDS, &self.step_seconds);
+        out.histogram(&m::PREVIEW_SECONDS, &self.preview_seconds);
         out.finish()
     }
 }

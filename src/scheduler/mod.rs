@@ -6,6 +6,7 @@
 
 mod metrics;
 mod pipelines;
+pub mod progress;
 mod queue;
 mod worker;
 
@@ -18,6 +19,7 @@ use tokio::sync::oneshot;
 
 pub use self::metrics::Metrics;
 use self::pipelines::Pipelines;
+pub use self::progress::{Progress, ProgressRx, ProgressTx, MAX_PREVIEWS};
 pub use self::queue::{Batchable, Queue};
 use self::worker::{Pending, Worker};
 use crate::catalog::Pipeline;
@@ -329,6 +331,16 @@ impl SchedulerHandle {
     /// Queue a job. Never blocks: a full queue answers [`SubmitError::QueueFull`] at once.
     /// The current tracing span becomes the parent of the job's spans on the device thread.
     pub fn submit(&self, job: Job) -> Result<Ticket, SubmitError> {
+        self.submit_with_progress(job, None)
+    }
+
+    /// [`Self::submit`], with live progress (queue position, start, steps, previews) sent to
+    /// `progress`.
+    pub fn submit_with_progress(
+        &self,
+        job: Job,
+        progress: Option<ProgressTx>,
+    ) -> Result<Ticket, SubmitError> {
         if self.shared.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -337,12 +349,14 @@ impl SchedulerHandle {
         }
         let (tx, rx) = oneshot::channel();
         let cancel = CancelFlag::default();
+        let queued = progress.clone();
         let pending = Pending {
             job,
             reply: tx,
             cancel: cancel.clone(),
             submitted: Instant::now(),
             span: tracing::Span::current(),
+            progress,
         };
         let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
         if q.push(pending).is_err() {
@@ -352,10 +366,15 @@ impl SchedulerHandle {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(SubmitError::QueueFull);
         }
+        let position = q.len();
+        // Sent under the lock, so that it comes before the worker's `Started`.
+        if let Some(p) = &queued {
+            p.send(Progress::Queued { position });
+        }
         self.shared
             .metrics
             .queue_depth
-            .store(q.len() as u64, Ordering::Relaxed);
+            .store(position as u64, Ordering::Relaxed);
         drop(q);
         self.shared.cv.notify_one();
         Ok(Ticket::new(rx, cancel))

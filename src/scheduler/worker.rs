@@ -14,10 +14,11 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::pipelines::Pipelines;
+use super::progress::{Progress, ProgressTx};
 use super::queue::{fair_share, Batchable};
 use super::{CancelFlag, Job, JobError, Shared};
 use crate::pipeline::denoise::{self, DenoiseItem};
-use crate::pipeline::RgbImage;
+use crate::pipeline::{Family, RgbImage};
 
 /// A job waiting in the queue.
 pub(crate) struct Pending {
@@ -26,6 +27,8 @@ pub(crate) struct Pending {
     pub cancel: CancelFlag,
     pub submitted: Instant,
     pub span: tracing::Span,
+    /// Where live progress goes (SSE requests); `None` for plain requests.
+    pub progress: Option<ProgressTx>,
 }
 
 /// Jobs batch together when they share pipeline, size and CFG on/off.
@@ -243,7 +246,12 @@ impl Worker {
             }))
         });
         match made {
-            Ok(Ok(items)) => Some(Active { pending: p, items }),
+            Ok(Ok(items)) => {
+                if let Some(tx) = &p.progress {
+                    tx.send(Progress::Started);
+                }
+                Some(Active { pending: p, items })
+            }
             Ok(Err(e)) => {
                 self.fail(p, e.to_string());
                 None
@@ -320,13 +328,69 @@ impl Worker {
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
         let why = match result {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                self.report_steps(model, batch);
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(panic) => panic_message(panic),
         };
         for a in batch.drain(..) {
             self.fail(a.pending, why.clone());
         }
+    }
+
+    /// Tell the jobs that want progress how far they are, and send the previews that are due.
+    /// Only a job that asked for previews has any decoded, so the rest of the batch pays for
+    /// those decodes (time on this thread) and nothing else; a preview never touches an item's
+    /// state, so it never changes an image.
+    fn report_steps(&self, model: &dyn Family, batch: &[Active]) {
+        for a in batch {
+            let (Some(tx), Some(first)) = (&a.pending.progress, a.items.first()) else {
+                continue;
+            };
+            let (done, total) = (first.steps_done(), first.steps_total());
+            tx.send(Progress::Step { done, total });
+            if tx.preview_due(done, total) && !a.pending.cancel.is_cancelled() {
+                self.send_previews(model, a, tx, done, total);
+            }
+        }
+    }
+
+    /// Decode each item's current estimate of the clean image and send it. A failed preview is
+    /// logged and skipped: the job goes on.
+    fn send_previews(
+        &self,
+        model: &dyn Family,
+        a: &Active,
+        tx: &ProgressTx,
+        step: usize,
+        total: usize,
+    ) {
+        let started = Instant::now();
+        let span = tracing::debug_span!(parent: &a.pending.span, "preview", step);
+        let _entered = span.enter();
+        for (index, item) in a.items.iter().enumerate() {
+            match catch_unwind(AssertUnwindSafe(|| denoise::preview(model, item))) {
+                Ok(Ok(Some(image))) => tx.send(Progress::Preview {
+                    index,
+                    step,
+                    total,
+                    image,
+                }),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(parent: &a.pending.span, error = %e, "preview failed; the job goes on")
+                }
+                Err(panic) => {
+                    tracing::warn!(parent: &a.pending.span, error = %panic_message(panic), "preview failed; the job goes on")
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .preview_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Decode the jobs whose items are all done, in one VAE batch, and answer them.

@@ -2,18 +2,20 @@
 //!
 //! The only module that writes image files. Files are written to a temporary name in the request's
 //! folder and renamed into place, so a reader never sees half a file. Reading goes only through
-//! [`FileStore::read`], which accepts a request ID and file name in the exact shape they are made in,
+//! [`FileStore::open_file`], which accepts a request ID and file name in the exact shape they are made in,
 //! so no path built from a request can leave the store.
 
 mod encode;
 mod id;
+pub mod metadata;
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub use crate::image::ImageFormat;
-pub use encode::encode;
+pub use encode::{encode, encode_with, Encoding};
 pub use id::RequestId;
+pub use metadata::Provenance;
 
 use crate::image::RgbImage;
 
@@ -54,14 +56,18 @@ impl FileStore {
         format!("image_{index}.{}", format.extension())
     }
 
-    /// Encode and write a request's images (blocking: call from a blocking thread). Returns the
-    /// file names in order. On error nothing of this request is left behind.
+    /// Encode and write a request's images (blocking: call from a blocking thread), each with its
+    /// provenance embedded when `provenance` has one per image. Returns the file names in order.
+    /// On error nothing of this request is left behind.
     pub fn save(
         &self,
         id: &RequestId,
         images: &[RgbImage],
-        format: ImageFormat,
+        encoding: impl Into<Encoding>,
+        provenance: Option<&[Provenance]>,
     ) -> Result<Vec<String>, StoreError> {
+        let encoding = encoding.into();
+        let format = encoding.format;
         let dir = self.gen_dir.join(id.as_str());
         std::fs::create_dir_all(&dir)?;
         let written = images
@@ -69,7 +75,8 @@ impl FileStore {
             .enumerate()
             .map(|(i, img)| {
                 let name = Self::file_name(i, format);
-                write_atomically(&dir, &name, img, format).map(|()| name)
+                let p = provenance.and_then(|p| p.get(i));
+                write_atomically(&dir, &name, img, encoding, p).map(|()| name)
             })
             .collect::<Result<Vec<_>, _>>();
         if written.is_err() {
@@ -108,6 +115,25 @@ impl FileStore {
 }
 
 impl FileStore {
+    /// A stored image's bytes, read whole (for answers that carry the image inline), through
+    /// the same checks as [`Self::open_file`].
+    pub async fn read_all(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
+        let file = self
+            .open_file(request_id, file_name)
+            .await?
+            .file
+            .into_std()
+            .await;
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            (&file).read_to_end(&mut bytes).ok().map(|_| bytes)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Delete the requests whose folder is older than `max_age` (retention). Blocking: call
     /// from a blocking thread. Returns how many requests' images were deleted. A folder is
     /// removed whole, so a URL either still answers or answers 404.
@@ -143,7 +169,8 @@ fn write_atomically(
     dir: &Path,
     name: &str,
     img: &RgbImage,
-    format: ImageFormat,
+    encoding: Encoding,
+    provenance: Option<&Provenance>,
 ) -> Result<(), StoreError> {
     let mut builder = tempfile::Builder::new();
     builder.prefix(".tmp-");
@@ -152,7 +179,7 @@ fn write_atomically(
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     let tmp = builder.tempfile_in(dir)?;
     let mut out = BufWriter::new(tmp.as_file());
-    encode::encode(img, format, &mut out)?;
+    encode::encode_with(img, encoding, provenance, &mut out)?;
     out.flush()?;
     drop(out);
     tmp.as_file().sync_all()?;
@@ -224,7 +251,7 @@ mod tests {
         for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Webp] {
             let id = RequestId::generate();
             let names = store
-                .save(&id, &[img(32, 16), img(16, 32)], format)
+                .save(&id, &[img(32, 16), img(16, 32)], format, None)
                 .unwrap();
             assert_eq!(names.len(), 2);
             for (i, name) in names.iter().enumerate() {
@@ -254,7 +281,9 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("secret.txt"), b"x").unwrap();
         let id = RequestId::generate();
-        store.save(&id, &[img(16, 16)], ImageFormat::Png).unwrap();
+        store
+            .save(&id, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
         assert!(store.open_file(id.as_str(), "image_0.png").await.is_some());
         assert!(store.open_file(id.as_str(), "image_0.jpg").await.is_none());
         assert!(store.open_file(id.as_str(), "image_1.png").await.is_none());
@@ -277,7 +306,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let real = RequestId::generate();
-        store.save(&real, &[img(16, 16)], ImageFormat::Png).unwrap();
+        store
+            .save(&real, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
         let gen = dir.path().join("files/gen");
         let planted = RequestId::generate();
         std::os::unix::fs::symlink(gen.join(real.as_str()), gen.join(planted.as_str())).unwrap();
@@ -308,11 +339,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let old = RequestId::generate();
-        store.save(&old, &[img(16, 16)], ImageFormat::Png).unwrap();
+        store
+            .save(&old, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
         std::fs::write(dir.path().join("files/gen/keep.txt"), b"x").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1200));
         let new = RequestId::generate();
-        store.save(&new, &[img(16, 16)], ImageFormat::Png).unwrap();
+        store
+            .save(&new, &[img(16, 16)], ImageFormat::Png, None)
+            .unwrap();
         let removed = store
             .remove_older_than(std::time::Duration::from_millis(600))
             .unwrap();
@@ -332,7 +367,115 @@ mod tests {
             height: 4,
             data: vec![0; 5],
         };
-        assert!(store.save(&id, &[bad], ImageFormat::Png).is_err());
+        assert!(store.save(&id, &[bad], ImageFormat::Png, None).is_err());
         assert!(!dir.path().join("files/gen").join(id.as_str()).exists());
+    }
+
+    async fn read_back(store: &FileStore, id: &RequestId, name: &str) -> Vec<u8> {
+        store.read_all(id.as_str(), name).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn provenance_reads_back_from_every_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let p = Provenance {
+            prompt: "a red fox & \"snow\" 🦊".into(),
+            negative_prompt: String::new(),
+            model: "flux-2-pro".into(),
+            pipeline: "z-image-turbo".into(),
+            seed: 42,
+            steps: 8,
+            guidance_scale: 0.0,
+            width: 32,
+            height: 16,
+            software: Provenance::software_name(),
+        };
+        let second = Provenance {
+            seed: 43,
+            ..p.clone()
+        };
+        let both = [p.clone(), second];
+        for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Webp] {
+            let id = RequestId::generate();
+            let names = store
+                .save(&id, &[img(32, 16), img(32, 16)], format, Some(&both))
+                .unwrap();
+            for (i, name) in names.iter().enumerate() {
+                let bytes = read_back(&store, &id, name).await;
+                // Still a valid image of the right size.
+                let decoded = image::load_from_memory(&bytes).unwrap();
+                assert_eq!((decoded.width(), decoded.height()), (32, 16), "{format:?}");
+                let xmp = match format {
+                    ImageFormat::Jpeg => metadata::jpeg_xmp(&bytes),
+                    ImageFormat::Webp => metadata::webp_xmp(&bytes),
+                    ImageFormat::Png => {
+                        let texts = metadata::png_texts(&bytes).unwrap();
+                        let get = |k: &str| {
+                            texts
+                                .iter()
+                                .find(|(key, _)| key == k)
+                                .map(|(_, t)| t.clone())
+                        };
+                        assert_eq!(get("Software"), Some(p.software.clone()));
+                        let params = get("parameters").unwrap();
+                        assert!(
+                            params.starts_with("a red fox & \"snow\" 🦊\nSteps: 8"),
+                            "{params}"
+                        );
+                        assert!(params.contains(&format!("Seed: {}", 42 + i)), "{params}");
+                        get("XML:com.adobe.xmp")
+                    }
+                }
+                .unwrap_or_else(|| panic!("no XMP in the {format:?} file"));
+                assert!(xmp.contains(metadata::DIGITAL_SOURCE_TYPE), "{xmp}");
+                assert!(xmp.contains("a red fox &amp; &quot;snow&quot; 🦊"), "{xmp}");
+                for field in [
+                    format!("diffusiond:seed=\"{}\"", 42 + i),
+                    "diffusiond:model=\"flux-2-pro\"".into(),
+                    "diffusiond:pipeline=\"z-image-turbo\"".into(),
+                    "diffusiond:steps=\"8\"".into(),
+                    "diffusiond:guidance_scale=\"0\"".into(),
+                    "diffusiond:width=\"32\"".into(),
+                    "diffusiond:height=\"16\"".into(),
+                    format!(
+                        "xmp:CreatorTool=\"diffusiond {}\"",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                ] {
+                    assert!(xmp.contains(&field), "{format:?} lacks {field}: {xmp}");
+                }
+            }
+        }
+        // Without provenance, nothing is embedded.
+        let id = RequestId::generate();
+        store
+            .save(&id, &[img(8, 8)], ImageFormat::Jpeg, None)
+            .unwrap();
+        let bytes = read_back(&store, &id, "image_0.jpg").await;
+        assert_eq!(metadata::jpeg_xmp(&bytes), None);
+    }
+
+    #[test]
+    fn jpeg_quality_changes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let size = |q: u8| {
+            let id = RequestId::generate();
+            let enc = Encoding {
+                format: ImageFormat::Jpeg,
+                quality: Some(q),
+            };
+            store.save(&id, &[img(64, 64)], enc, None).unwrap();
+            std::fs::metadata(
+                dir.path()
+                    .join("files/gen")
+                    .join(id.as_str())
+                    .join("image_0.jpg"),
+            )
+            .unwrap()
+            .len()
+        };
+        assert!(size(20) < size(100));
     }
 }
