@@ -6,6 +6,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::pipeline::{DeviceSpec, RunDType, RunOptions, WeightSource};
 
+mod shared;
+pub use shared::SharedArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "diffusiond",
@@ -255,6 +258,8 @@ pub struct ServeArgs {
     /// closed (a client that stopped reading). Progress, however slow, resets it.
     #[arg(long, env = "DIFFUSIOND_WRITE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 }
 
 /// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.
@@ -289,6 +294,10 @@ pub struct KeysArgs {
     /// Data directory holding the accounts database (the server's --data-dir).
     #[arg(long, env = "DIFFUSIOND_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// The servers' Postgres database (`postgres://...`), when they share one; else the SQLite
+    /// file in the data directory.
+    #[arg(long, env = "DIFFUSIOND_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: KeysCommand,
 }

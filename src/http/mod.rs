@@ -8,6 +8,7 @@ mod file_body;
 mod files;
 mod generate;
 mod guard;
+mod idempotency;
 mod metrics;
 mod models;
 mod ops;
@@ -109,7 +110,13 @@ async fn method_not_allowed() -> ApiError {
 /// The whole HTTP surface. Tests can drive it without a socket.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/generate", post(generate::generate))
+        .route(
+            "/v1/generate",
+            post(generate::generate).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                idempotency::layer,
+            )),
+        )
         .route("/v1/models", get(models::list))
         .route("/files/gen/{request_id}/{file}", get(files::image))
         .route("/health", get(ops::health))

@@ -2,6 +2,7 @@
 //! store -> settle, refunding on any failure. Knows nothing of HTTP.
 
 mod error;
+mod idempotency;
 mod metrics;
 mod refund;
 mod validate;
@@ -15,10 +16,11 @@ use tokio::sync::Semaphore;
 use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
 use crate::scheduler::{Job, JobError, SubmitError, Ticket};
-use crate::store::{FileStore, StoredFile};
+use crate::store::{ImageStore, StoredFile};
 
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
+pub use idempotency::{Idempotent, IdempotentRun};
 pub use metrics::Metrics;
 pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
 
@@ -69,6 +71,8 @@ pub enum Caller {
 pub struct GeneratedImage {
     /// File name inside the request's folder (`image_<i>.<ext>`).
     pub file_name: String,
+    /// The image's URL when it is not this server's /files/ one (a presigned bucket URL).
+    pub url: Option<String>,
     pub seed: u64,
 }
 
@@ -85,30 +89,40 @@ pub struct Generated {
 pub struct Facade {
     catalog: Catalog,
     auth: AuthPolicy,
-    store: FileStore,
+    store: ImageStore,
     generator: Arc<dyn Generator>,
     metrics: Metrics,
     outstanding: Outstanding,
     /// Requests admitted at once (waiting or running). Taken before any credit is reserved.
     admission: Arc<Semaphore>,
+    /// The accounts database in every auth mode, for `Idempotency-Key` (none: the header is
+    /// refused as an internal error, which only a test setup can cause).
+    ledger: Option<Accounts>,
 }
 
 impl Facade {
     pub fn new(
         catalog: Catalog,
         auth: AuthPolicy,
-        store: FileStore,
+        store: impl Into<ImageStore>,
         generator: Arc<dyn Generator>,
     ) -> Self {
         Self {
             catalog,
             auth,
-            store,
+            store: store.into(),
             generator,
             metrics: Metrics::default(),
             outstanding: Outstanding::default(),
             admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            ledger: None,
         }
+    }
+
+    /// Remember `Idempotency-Key`s in this database (in every auth mode).
+    pub fn with_idempotency(mut self, accounts: Accounts) -> Self {
+        self.ledger = Some(accounts);
+        self
     }
 
     /// Resolves once every credit reservation is settled or refunded, including the refunds of
@@ -258,22 +272,18 @@ impl Facade {
             tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.spec.seeds.len(), job.spec.width, job.spec.height);
             return Err(InferError::GenerationFailed);
         }
-        let store = self.store.clone();
-        let owned_id = id.clone();
-        let names = tokio::task::spawn_blocking(move || store.save(&owned_id, &images, format))
-            .await
-            .map_err(|e| InferError::Internal(format!("store task: {e}")))?
-            .map_err(|e| {
-                tracing::error!(request_id = %id, "storing images failed: {e}");
-                InferError::GenerationFailed
-            })?;
+        let saved = self.store.save(id, images, format).await.map_err(|e| {
+            tracing::error!(request_id = %id, "storing images failed: {e}");
+            InferError::GenerationFailed
+        })?;
         Ok(Generated {
             request_id: id.clone(),
-            images: names
+            images: saved
                 .into_iter()
                 .zip(&job.spec.seeds)
-                .map(|(file_name, seed)| GeneratedImage {
-                    file_name,
+                .map(|(s, seed)| GeneratedImage {
+                    file_name: s.file_name,
+                    url: s.url,
                     seed: *seed,
                 })
                 .collect(),
