@@ -318,9 +318,9 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     // Only `create` may start a database; the others on a mistyped --data-dir must fail, not
     // create an empty one there.
     let accounts = match (&args.database_url, &args.command) {
-        (Some(url), _) => Accounts::connect(url).await.with_context(|| {
-            format!("accounts database {}", crate::accounts::redact_url(url))
-        })?,
+        (Some(url), _) => Accounts::connect(url)
+            .await
+            .with_context(|| format!("accounts database {}", crate::accounts::redact_url(url)))?,
         (None, KeysCommand::Create { .. }) => Accounts::open(&dir).await?,
         (None, _) => Accounts::open_existing(&dir).await?,
     };

@@ -296,7 +296,12 @@ pub struct KeysArgs {
     pub data_dir: Option<PathBuf>,
     /// The servers' Postgres database (`postgres://...`), when they share one; else the SQLite
     /// file in the data directory.
-    #[arg(long, env = "DIFFUSIOND_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DIFFUSIOND_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: KeysCommand,

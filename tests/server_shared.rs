@@ -192,7 +192,11 @@ fn ranges_and_etags_from_the_bucket() {
         .send()
         .unwrap();
     assert_eq!(again.status().as_u16(), 304);
-    assert_eq!(a.get("/files/gen/req_AAAAAAAAAAAAAAAAAAAAAA/image_0.jpg", None).status, 404);
+    assert_eq!(
+        a.get("/files/gen/req_AAAAAAAAAAAAAAAAAAAAAA/image_0.jpg", None)
+            .status,
+        404
+    );
 }
 
 #[test]
@@ -224,7 +228,10 @@ fn a_killed_instance_is_refunded_by_the_other_and_a_live_one_is_not() {
     });
     let reserved = Instant::now();
     while open_reservations(&db) < 2 {
-        assert!(reserved.elapsed() < Duration::from_secs(60), "never reserved");
+        assert!(
+            reserved.elapsed() < Duration::from_secs(60),
+            "never reserved"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let before = balance(&ws, &db, &key);
@@ -308,7 +315,10 @@ fn retention_deletes_from_the_bucket() {
     assert_eq!(bucket.objects().len(), 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     while a.get(&path, None).status != 404 {
-        assert!(Instant::now() < deadline, "still served 30 s after a 2 s retention");
+        assert!(
+            Instant::now() < deadline,
+            "still served 30 s after a 2 s retention"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(bucket.objects(), Vec::<String>::new());
@@ -330,10 +340,13 @@ fn presigned_urls_point_at_the_bucket() {
     assert_eq!(got.status, 200);
     assert_eq!(server_support::decode(&got.bytes).1, 64);
     // The same object through the server.
-    let via_server = a.get(&path_of(url).split('?').next().unwrap().replacen(
-        &format!("/{}/images", bucket.name),
-        "/files",
-        1,
-    ), None);
+    let via_server = a.get(
+        &path_of(url).split('?').next().unwrap().replacen(
+            &format!("/{}/images", bucket.name),
+            "/files",
+            1,
+        ),
+        None,
+    );
     assert_eq!(via_server.bytes, got.bytes);
 }

@@ -45,12 +45,14 @@ impl Accounts {
     ) -> Result<IdempotencyClaim, AccountsError> {
         let now = unix_now();
         // An expired row is forgotten before the key is claimed again.
-        sqlx::query("DELETE FROM idempotency WHERE owner = $1 AND idem_key = $2 AND created_at < $3")
-            .bind(owner)
-            .bind(idem_key)
-            .bind(now - IDEMPOTENCY_TTL_SECS)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "DELETE FROM idempotency WHERE owner = $1 AND idem_key = $2 AND created_at < $3",
+        )
+        .bind(owner)
+        .bind(idem_key)
+        .bind(now - IDEMPOTENCY_TTL_SECS)
+        .execute(&self.pool)
+        .await?;
         let claimed = sqlx::query(
             "INSERT INTO idempotency \
              (owner, idem_key, body_hash, request_id, instance_id, status, created_at) \
@@ -114,12 +116,18 @@ impl Accounts {
     }
 
     /// The claimed request failed: forget the key, so that a retry runs again.
-    pub async fn abandon_idempotency(&self, owner: &str, idem_key: &str) -> Result<(), AccountsError> {
-        sqlx::query("DELETE FROM idempotency WHERE owner = $1 AND idem_key = $2 AND status = 'running'")
-            .bind(owner)
-            .bind(idem_key)
-            .execute(&self.pool)
-            .await?;
+    pub async fn abandon_idempotency(
+        &self,
+        owner: &str,
+        idem_key: &str,
+    ) -> Result<(), AccountsError> {
+        sqlx::query(
+            "DELETE FROM idempotency WHERE owner = $1 AND idem_key = $2 AND status = 'running'",
+        )
+        .bind(owner)
+        .bind(idem_key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -145,15 +153,24 @@ mod tests {
             let acc = acc.register_instance().await.unwrap();
             let claim = |key: &'static str, hash: &'static str, req: &'static str| {
                 let acc = acc.clone();
-                async move { acc.claim_idempotency("key_a", key, hash, req).await.unwrap() }
+                async move {
+                    acc.claim_idempotency("key_a", key, hash, req)
+                        .await
+                        .unwrap()
+                }
             };
             assert_eq!(claim("k1", "h1", "req_1").await, IdempotencyClaim::Run);
             assert_eq!(claim("k1", "h1", "req_2").await, IdempotencyClaim::Running);
             assert_eq!(claim("k1", "h2", "req_3").await, IdempotencyClaim::Mismatch);
             // Another API key's k1 is its own.
-            let other = acc.claim_idempotency("key_b", "k1", "h9", "req_4").await.unwrap();
+            let other = acc
+                .claim_idempotency("key_b", "k1", "h9", "req_4")
+                .await
+                .unwrap();
             assert_eq!(other, IdempotencyClaim::Run);
-            acc.complete_idempotency("key_a", "k1", "{\"ok\":1}").await.unwrap();
+            acc.complete_idempotency("key_a", "k1", "{\"ok\":1}")
+                .await
+                .unwrap();
             assert_eq!(
                 claim("k1", "h1", "req_5").await,
                 IdempotencyClaim::Done(StoredResponse {

@@ -151,23 +151,29 @@ mod tests {
             dead.reserve(&a, "req_dead", 100, Utc::now()).await.unwrap();
             live.reserve(&a, "req_live", 100, Utc::now()).await.unwrap();
             // Within the timeout nobody is dead.
-            assert_eq!(live.reap_dead_instances(60).await.unwrap(), Reaped::default());
+            assert_eq!(
+                live.reap_dead_instances(60).await.unwrap(),
+                Reaped::default()
+            );
             // The dead one stops heart-beating; the live one keeps going.
             tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
             live.heartbeat().await.unwrap();
             // Two live reapers at once: each reservation is refunded exactly once.
             let other = acc.register_instance().await.unwrap();
-            let (r1, r2) = tokio::join!(
-                live.reap_dead_instances(1),
-                other.reap_dead_instances(1)
-            );
+            let (r1, r2) = tokio::join!(live.reap_dead_instances(1), other.reap_dead_instances(1));
             let (r1, r2) = (r1.unwrap(), r2.unwrap());
             assert_eq!(r1.refunded + r2.refunded, 1, "{r1:?} {r2:?}");
             let dead_id = dead.instance_id().unwrap().to_string();
             assert!(r1.instances.contains(&dead_id) || r2.instances.contains(&dead_id));
-            assert!(!r1.instances.contains(&live.instance_id().unwrap().to_string()));
+            assert!(!r1
+                .instances
+                .contains(&live.instance_id().unwrap().to_string()));
             let info = acc.key_info(&a.id).await.unwrap();
-            assert_eq!((info.balance, info.used_today), (900, 1), "only the dead one refunded");
+            assert_eq!(
+                (info.balance, info.used_today),
+                (900, 1),
+                "only the dead one refunded"
+            );
             assert_eq!(live.reap_dead_instances(1).await.unwrap().refunded, 0);
 
             // A declared-dead instance that comes back registers again and says so.

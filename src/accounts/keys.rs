@@ -179,14 +179,15 @@ impl Accounts {
         }
         let id = self.resolve(key_or_id).await?;
         // The bound is checked in the same statement, so nothing is written past it.
-        let added =
-            sqlx::query("UPDATE api_keys SET balance = balance + $1 WHERE id = $2 AND balance <= $3")
-                .bind(credits)
-                .bind(&id)
-                .bind(MAX_CREDITS - credits)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let added = sqlx::query(
+            "UPDATE api_keys SET balance = balance + $1 WHERE id = $2 AND balance <= $3",
+        )
+        .bind(credits)
+        .bind(&id)
+        .bind(MAX_CREDITS - credits)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         if added == 0 {
             return Err(AccountsError::InvalidArgument(format!(
                 "the balance would exceed the maximum of {MAX_CREDITS} credits; nothing was added"

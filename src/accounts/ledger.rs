@@ -296,7 +296,9 @@ mod tests {
             let tasks: Vec<_> = (0..20)
                 .map(|i| {
                     let (acc, b) = (acc.clone(), b.clone());
-                    tokio::spawn(async move { acc.reserve(&b, &format!("b_{i}"), 250, noon()).await })
+                    tokio::spawn(
+                        async move { acc.reserve(&b, &format!("b_{i}"), 250, noon()).await },
+                    )
                 })
                 .collect();
             let mut ok = 0;
@@ -315,7 +317,9 @@ mod tests {
                 .map(|i| {
                     let (acc, a) = (acc.clone(), a.clone());
                     tokio::spawn(async move {
-                        let r = acc.reserve(&a, &format!("req_{i}"), 250, Utc::now()).await?;
+                        let r = acc
+                            .reserve(&a, &format!("req_{i}"), 250, Utc::now())
+                            .await?;
                         // Every third one fails and is refunded, at once, while others reserve.
                         if i % 3 == 0 {
                             acc.refund(&r).await?;
@@ -339,7 +343,12 @@ mod tests {
             assert!((1..=15).contains(&kept), "{:?}: {kept}", acc.engine());
             let info = acc.key_info(&a.id).await.unwrap();
             let expected = (15 * 250 - 250 * kept, kept);
-            assert_eq!((info.balance, info.used_today), expected, "{:?}", acc.engine());
+            assert_eq!(
+                (info.balance, info.used_today),
+                expected,
+                "{:?}",
+                acc.engine()
+            );
         }
     }
 
@@ -433,7 +442,13 @@ mod tests {
              WHERE datname = '{}' AND pid <> pg_backend_pid()",
             db.name
         );
-        postgres::query(&db, &format!("ALTER DATABASE {} SET default_transaction_read_only = on", db.name));
+        postgres::query(
+            &db,
+            &format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = on",
+                db.name
+            ),
+        );
         postgres::query(&db, &cut);
         for i in 0..3 {
             let e = acc.reserve(&a, &format!("req_ro_{i}"), 10, noon()).await;
@@ -441,7 +456,13 @@ mod tests {
         }
         let reason = acc.check_writable().await.unwrap_err();
         assert!(reason.contains("cannot be written"), "{reason}");
-        postgres::query(&db, &format!("ALTER DATABASE {} SET default_transaction_read_only = off", db.name));
+        postgres::query(
+            &db,
+            &format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = off",
+                db.name
+            ),
+        );
         postgres::query(&db, &cut);
         acc.check_writable().await.unwrap();
         for i in 0..10 {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, ConnectOptions, Executor};
 
 use self::health::WriteHealth;
 use self::write::WriteTx;
@@ -166,11 +166,16 @@ impl Accounts {
             source,
         })?;
         sqlx::any::install_default_drivers();
+        // An absolute path: in a URL, the first part of a relative one would read as a host name.
+        let absolute = std::fs::canonicalize(&path).map_err(|source| AccountsError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
         let url = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
+            .filename(&absolute)
             .to_url_lossy();
         let options = AnyConnectOptions::from_str(url.as_str())?;
-        let mut setup: Vec<String> = [
+        let setup: Vec<String> = [
             ("journal_mode", "WAL"),
             ("synchronous", "FULL"),
             ("foreign_keys", "ON"),
@@ -180,7 +185,6 @@ impl Accounts {
         .chain(pragmas)
         .map(|(k, v)| format!("PRAGMA {k} = {v}"))
         .collect();
-        setup.shrink_to_fit();
         let setup = Arc::new(setup);
         let pool = AnyPoolOptions::new()
             .max_connections(4)
@@ -324,6 +328,29 @@ mod tests {
             let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{:?}", entry.file_name());
         }
+    }
+
+    #[test]
+    fn database_urls_are_logged_without_their_password() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db.internal:5432/ledger"),
+            "postgres://app:***@db.internal:5432/ledger"
+        );
+        assert_eq!(
+            redact_url("postgres://db.internal/ledger"),
+            "postgres://db.internal/ledger"
+        );
+        assert_eq!(redact_url("not a url s3cret"), "(not a URL)");
+    }
+
+    #[tokio::test]
+    async fn only_postgres_urls_are_taken() {
+        let e = Accounts::connect("mysql://u:s3cret@h/db")
+            .await
+            .unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("postgres://"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
     }
 
     #[tokio::test]

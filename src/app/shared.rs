@@ -32,7 +32,11 @@ pub(super) async fn open_store(data_dir: &Path, args: &SharedArgs) -> anyhow::Re
                 bail!("--presign: at most 7d (the longest a presigned S3 URL may live)");
             }
             let store = ImageStore::s3(location, presign).await?;
-            tracing::info!(location, presigned = presign.is_some(), "images go to the bucket");
+            tracing::info!(
+                location,
+                presigned = presign.is_some(),
+                "images go to the bucket"
+            );
             Ok(store)
         }
     }

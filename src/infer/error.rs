@@ -42,7 +42,10 @@ pub enum InferError {
     #[error("image generation failed; nothing was charged (details are in the server log under this request_id)")]
     GenerationFailed,
     /// The `Idempotency-Key` header is empty, too long, or not printable ASCII.
-    #[error("the Idempotency-Key header must be 1 to {} printable ASCII characters", super::idempotency::MAX_IDEMPOTENCY_KEY_CHARS)]
+    #[error(
+        "the Idempotency-Key header must be 1 to {max} printable ASCII characters",
+        max = super::idempotency::MAX_IDEMPOTENCY_KEY_CHARS
+    )]
     InvalidIdempotencyKey,
     /// The `Idempotency-Key` was used with another request body in the last 24 hours.
     #[error("this Idempotency-Key was used with a different request body in the last 24 hours; send a new key for a new request")]

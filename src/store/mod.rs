@@ -33,6 +33,7 @@ pub enum StoreError {
 }
 
 /// A stored image, opened for streaming: never read whole into memory.
+#[derive(Debug)]
 pub struct StoredFile {
     /// Bytes in the file.
     pub len: u64,
@@ -42,6 +43,7 @@ pub struct StoredFile {
     source: Source,
 }
 
+#[derive(Debug)]
 enum Source {
     File(tokio::fs::File),
     S3 {

@@ -162,13 +162,17 @@ impl S3Images {
     /// Delete the images older than `max_age` (retention). Returns how many requests' images
     /// were deleted.
     pub async fn remove_older_than(&self, max_age: Duration) -> Result<usize, StoreError> {
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        let cutoff = chrono::Duration::from_std(max_age)
+            .ok()
+            .and_then(|age| chrono::Utc::now().checked_sub_signed(age));
+        let Some(cutoff) = cutoff else {
+            return Ok(0);
+        };
         let old: Vec<ObjectPath> = self
             .s3
             .list(Some(&self.gen_prefix()))
-            .try_filter_map(|meta| async move {
-                Ok((meta.last_modified < cutoff).then_some(meta.location))
+            .try_filter_map(move |meta| async move {
+                Ok::<_, object_store::Error>((meta.last_modified < cutoff).then_some(meta.location))
             })
             .try_collect()
             .await
@@ -219,5 +223,35 @@ impl AsyncRead for StreamRead {
         let n = this.chunk.len().min(buf.remaining());
         buf.put_slice(&this.chunk.split_to(n));
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_have_the_file_store_names_under_the_prefix() {
+        let with = S3Images::from_env("s3://images/team/a/").unwrap();
+        assert_eq!(with.bucket, "images");
+        assert_eq!(
+            with.path("req_x", "image_0.jpg").as_ref(),
+            "team/a/gen/req_x/image_0.jpg"
+        );
+        let without = S3Images::from_env("s3://images").unwrap();
+        assert_eq!(
+            without.path("req_x", "image_1.png").as_ref(),
+            "gen/req_x/image_1.png"
+        );
+    }
+
+    #[test]
+    fn locations_must_name_a_bucket() {
+        for bad in ["", "bucket", "s3://", "s3:///prefix", "file:///tmp"] {
+            assert!(
+                matches!(S3Images::from_env(bad), Err(StoreError::Config(_))),
+                "{bad}"
+            );
+        }
     }
 }

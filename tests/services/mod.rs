@@ -42,15 +42,17 @@ pub fn running_as_root() -> bool {
 }
 
 /// A service that lives as long as this process: `script` (sh) runs it in the background, waits
-/// for this process's end (its stdin closing), then stops it and runs `cleanup`.
+/// for this process's end (its stdin closing), then stops it with `signal` (a background job of
+/// a non-interactive shell ignores SIGINT unless it sets its own handler: Postgres does, for a
+/// fast shutdown; others get TERM) and runs `cleanup`.
 pub struct Keepalive {
     _child: Child,
     _stdin: ChildStdin,
 }
 
 impl Keepalive {
-    pub fn spawn(mut command: Command, script: &str, cleanup: &str) -> Keepalive {
-        let full = format!("{script} & p=$!; read _ignored; kill -INT $p; wait $p; {cleanup}");
+    pub fn spawn(mut command: Command, script: &str, signal: &str, cleanup: &str) -> Keepalive {
+        let full = format!("{script} & p=$!; read _ignored; kill -{signal} $p; wait $p; {cleanup}");
         let mut child = command
             .arg("sh")
             .arg("-c")

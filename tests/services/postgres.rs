@@ -135,7 +135,8 @@ fn start() -> Result<Cluster, String> {
         data = data.display(),
         dir = dir.display(),
     );
-    let keepalive = Keepalive::spawn(runner, &script, &format!("rm -rf '{}'", dir.display()));
+    let cleanup = format!("rm -rf '{}'", dir.display());
+    let keepalive = Keepalive::spawn(runner, &script, "INT", &cleanup);
     let cluster = Cluster {
         bin,
         port,

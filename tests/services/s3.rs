@@ -122,7 +122,7 @@ fn start() -> Result<Server, String> {
         root = root.display(),
     );
     let cleanup = format!("rm -rf '{0}' '{0}.log'", root.display());
-    let keepalive = Keepalive::spawn(Command::new("env"), &script, &cleanup);
+    let keepalive = Keepalive::spawn(Command::new("env"), &script, "TERM", &cleanup);
     let ready = wait_until(Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
