@@ -442,28 +442,26 @@ mod tests {
              WHERE datname = '{}' AND pid <> pg_backend_pid()",
             db.name
         );
-        postgres::query(
-            &db,
+        postgres::admin(
             &format!(
                 "ALTER DATABASE {} SET default_transaction_read_only = on",
                 db.name
             ),
         );
-        postgres::query(&db, &cut);
+        postgres::admin(&cut);
         for i in 0..3 {
             let e = acc.reserve(&a, &format!("req_ro_{i}"), 10, noon()).await;
             assert!(matches!(e, Err(AccountsError::Db(_))), "{e:?}");
         }
         let reason = acc.check_writable().await.unwrap_err();
         assert!(reason.contains("cannot be written"), "{reason}");
-        postgres::query(
-            &db,
+        postgres::admin(
             &format!(
                 "ALTER DATABASE {} SET default_transaction_read_only = off",
                 db.name
             ),
         );
-        postgres::query(&db, &cut);
+        postgres::admin(&cut);
         acc.check_writable().await.unwrap();
         for i in 0..10 {
             acc.reserve(&a, &format!("req_after_{i}"), 10, noon())

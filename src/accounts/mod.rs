@@ -26,7 +26,7 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 use self::health::WriteHealth;
 use self::write::WriteTx;
 
-pub use idempotency::{IdempotencyClaim, StoredResponse};
+pub use idempotency::IdempotencyClaim;
 pub use keys::{KeyInfo, NewKey};
 pub use ledger::Reservation;
 
@@ -376,6 +376,7 @@ pub(crate) mod test_util {
     }
 
     /// What keeps a test database alive: a temporary directory, or a Postgres database.
+    #[allow(dead_code)] // held, never read
     pub enum Guard {
         Dir(tempfile::TempDir),
         Postgres(crate::test_services::postgres::Database),

@@ -20,7 +20,7 @@ use crate::store::{ImageStore, StoredFile};
 
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
-pub use idempotency::{Idempotent, IdempotentRun};
+pub use idempotency::Idempotent;
 pub use metrics::Metrics;
 pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
 

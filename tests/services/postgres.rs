@@ -62,6 +62,14 @@ pub fn query(db: &Database, sql: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Run SQL in the cluster's `postgres` database (what changes a test database's settings).
+pub fn admin(sql: &str) -> String {
+    let cluster = CLUSTER.get().unwrap().as_ref().unwrap();
+    cluster
+        .psql(sql)
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+}
+
 fn find_bin() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DIFFUSIOND_PG_BIN") {
         return Some(PathBuf::from(dir));
