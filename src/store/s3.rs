@@ -228,6 +228,7 @@ impl AsyncRead for StreamRead {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
