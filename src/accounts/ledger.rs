@@ -442,12 +442,10 @@ mod tests {
              WHERE datname = '{}' AND pid <> pg_backend_pid()",
             db.name
         );
-        postgres::admin(
-            &format!(
-                "ALTER DATABASE {} SET default_transaction_read_only = on",
-                db.name
-            ),
-        );
+        postgres::admin(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            db.name
+        ));
         postgres::admin(&cut);
         for i in 0..3 {
             let e = acc.reserve(&a, &format!("req_ro_{i}"), 10, noon()).await;
@@ -455,12 +453,10 @@ mod tests {
         }
         let reason = acc.check_writable().await.unwrap_err();
         assert!(reason.contains("cannot be written"), "{reason}");
-        postgres::admin(
-            &format!(
-                "ALTER DATABASE {} SET default_transaction_read_only = off",
-                db.name
-            ),
-        );
+        postgres::admin(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = off",
+            db.name
+        ));
         postgres::admin(&cut);
         acc.check_writable().await.unwrap();
         for i in 0..10 {
