@@ -191,13 +191,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        served = server => served.context("HTTP server")?,
-        () = deadline => tracing::warn!("requests still in flight after {}s: dropping them (their credits are refunded)", grace.as_secs()),
-    }
+    let timed_out = tokio::select! {
+        served = server => {
+            served.context("HTTP server")?;
+            false
+        }
+        () = deadline => {
+            tracing::warn!("requests still in flight after {}s: stopping them at the next step (their credits are refunded)", grace.as_secs());
+            true
+        }
+    };
 
     let s = scheduler.clone();
-    tokio::task::spawn_blocking(move || s.shutdown()).await?;
+    if timed_out {
+        tokio::task::spawn_blocking(move || s.abort()).await?;
+    } else {
+        tokio::task::spawn_blocking(move || s.shutdown()).await?;
+    }
     // Wait for the refunds of the requests that failed or were dropped to reach the database;
     // the next start repairs any that do not within the limit.
     if tokio::time::timeout(REFUND_WAIT, facade.reservations_resolved())

@@ -28,6 +28,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Manage API keys and credits in the data directory (safe while the server runs).
     Keys(KeysArgs),
+    /// Measure a pipeline on this machine: seconds per image, images per minute, peak memory and
+    /// achieved TFLOP/s per size and batch, with real weights or `--synthetic` random ones.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the model runs and in which precision.

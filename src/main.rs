@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(diffusiond::app::serve(args))),
         Command::Keys(args) => runtime().and_then(|rt| rt.block_on(diffusiond::app::keys(args))),
         Command::Generate(args) => diffusiond::generate::run(args),
+        Command::Bench(args) => diffusiond::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use diffusiond::catalog::Pipeline;
 use diffusiond::pipeline::denoise::{self, DenoiseItem, GenerateSpec};
-use diffusiond::pipeline::{DeviceSpec, Family, Guidance, RunOptions};
+use diffusiond::pipeline::family::LoadOptions;
+use diffusiond::pipeline::{DeviceSpec, Family, Guidance, RunDType, RunOptions};
 use diffusiond::scheduler::{self, Job, SchedulerConfig};
 
 /// Three requests of different prompt lengths (so different caption padding), seeds and steps.
@@ -45,18 +46,13 @@ fn z_image_alone_together_and_joining_mid_loop_agree() {
 
 #[test]
 fn flux2_klein_alone_together_and_joining_mid_loop_agree() {
-    let dir = std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
-        })
-        .join("tiny");
-    let opts = RunOptions {
-        device: DeviceSpec::Cpu,
-        ..RunOptions::default()
-    }
-    .open()
-    .unwrap();
+    let dir = common::reference_flux2_dir().join("tiny");
+    let opts = LoadOptions {
+        device: common::test_device(),
+        dtype: common::test_dtype(),
+        offload_text_encoder: false,
+        max_sequence_length: None,
+    };
     let model =
         diffusiond::pipeline::load(&diffusiond::pipeline::WeightSource::Local(dir), None, &opts)
             .unwrap();
@@ -150,8 +146,14 @@ fn scheduler_batches_without_changing_images() {
             steps: 8,
             guidance_scale: 0.0,
         }],
+        // The test device and dtype (scripts/gpu-check runs this on a GPU).
         run: RunOptions {
-            device: DeviceSpec::Cpu,
+            device: std::env::var("DIFFUSIOND_TEST_DEVICE")
+                .map_or(DeviceSpec::Cpu, |d| d.parse().unwrap()),
+            dtype: Some(
+                std::env::var("DIFFUSIOND_TEST_DTYPE")
+                    .map_or(RunDType::F32, |d| d.parse().unwrap()),
+            ),
             ..RunOptions::default()
         },
         queue_capacity: 16,

@@ -4,25 +4,21 @@
 //! reference (`$DIFFUSIOND_REFERENCE_FLUX2/tiny`, default `../shared/reference-flux2/tiny`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use diffusiond::pipeline::family::{CfgRule, Family, LoadOptions, ModelInput};
 use diffusiond::pipeline::{Flux2Klein, ModelFiles, WeightSource};
 
 fn tiny() -> ModelFiles {
-    let dir = std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
-        });
+    let dir = common::reference_flux2_dir();
     ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap()
 }
 
 fn opts(max_len: Option<usize>) -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
+        device: common::test_device(),
+        dtype: common::test_dtype(),
         offload_text_encoder: false,
         max_sequence_length: max_len,
     }
@@ -134,9 +130,7 @@ fn seam_facts_of_distilled_and_base() {
 
 #[test]
 fn wrong_pipeline_class_is_refused() {
-    let dir = std::env::var("DIFFUSIOND_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
+    let dir = common::reference_dir();
     let files = ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap();
     let err = Flux2Klein::load(&files, &opts(None))
         .err()

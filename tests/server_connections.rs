@@ -161,3 +161,134 @@ fn max_connections_bounds_open_connections() {
     let (got, closed) = drain(&mut waiting, Duration::from_secs(30));
     assert!(got > 0 && closed, "not served after the slots were freed");
 }
+
+/// Read one connection to its end (the server closes it) and return everything as text.
+fn read_to_close(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Issue 15, finding 7: a request with both `Transfer-Encoding` and `Content-Length` (request
+/// smuggling's raw material) is refused with 400 in the contract's JSON, with its request ID,
+/// and the connection is closed; an ordinary chunked request before it on the same connection
+/// is served (before: hyper dropped `Content-Length` and served it as chunked, with 200).
+#[test]
+fn a_request_with_both_transfer_encoding_and_content_length_is_refused() {
+    let ws = Workspace::new();
+    let server = ws.serve(&[]);
+    let host = server.addr();
+    let body = r#"{"prompt": "Content-Length: 9 and Transfer-Encoding: chunked", "model": "z-image-turbo", "width": 64, "height": 64}"#;
+    let mut s = TcpStream::connect(&host).unwrap();
+    write!(
+        s,
+        "POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    .unwrap();
+    let text = read_to_close(&mut s);
+    let responses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(responses.len(), 2, "{text}");
+    assert!(responses[0].starts_with("200"), "{}", responses[0]);
+    assert!(
+        responses[0].contains("\"success\":true"),
+        "{}",
+        responses[0]
+    );
+    let refused = responses[1].to_ascii_lowercase();
+    assert!(refused.starts_with("400"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"invalid_request\""),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("transfer-encoding and content-length"),
+        "{refused}"
+    );
+    assert!(refused.contains("x-request-id: req_"), "{refused}");
+
+    // The other order of the two headers, alone on a connection: refused the same way.
+    let mut s = TcpStream::connect(&host).unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+    )
+    .unwrap();
+    let text = read_to_close(&mut s);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+}
+
+/// Issue 15, finding 7: what hyper refuses before any handler runs (a header line it cannot
+/// parse (here a method with a character no method has), a header section over 64 KiB) is answered in the contract's JSON with an
+/// `X-Request-Id`, like every other error (before: an empty 400 or 431 with neither).
+#[test]
+fn requests_hyper_cannot_parse_get_the_contracts_json() {
+    let ws = Workspace::new();
+    let server = ws.serve(&[]);
+    let host = server.addr();
+    let big = "a".repeat(70 * 1024);
+    let cases = [
+        (
+            format!("G(T /health HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            "400",
+            "invalid_request",
+        ),
+        (
+            format!("GET /health HTTP/1.1\r\nHost: {host}\r\nX-Big: {big}\r\n\r\n"),
+            "431",
+            "request_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let mut s = TcpStream::connect(&host).unwrap();
+        let _ = s.write_all(request.as_bytes());
+        let text = read_to_close(&mut s);
+        let what = &request[..30];
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {text}"
+        );
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("\r\nx-request-id: req_"), "{text}");
+        assert!(lower.contains("content-type: application/json"), "{text}");
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], code, "{text}");
+        assert_eq!(v["success"], false);
+        assert!(v["request_id"].as_str().unwrap().starts_with("req_"));
+    }
+}
+
+/// Issue 15, finding 7: a client that shuts down its sending side after its request (a
+/// half-close) still gets the whole response (before: hyper took the end of the client's stream
+/// for a hang-up and closed the connection, so a response not ready at once was lost).
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_its_response() {
+    let ws = Workspace::new();
+    let server = ws.serve(&["--auth", "keys"]);
+    let host = server.addr();
+    let path = plant_file(&ws.data());
+    for (request, least) in [
+        (
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            FILE_BYTES,
+        ),
+        (format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n"), 10),
+    ] {
+        let mut s = TcpStream::connect(&host).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let head = String::from_utf8_lossy(&out[..out.len().min(200)]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{request}: {head}");
+        assert!(out.len() > least, "{request}: {} bytes", out.len());
+    }
+}

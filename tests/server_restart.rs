@@ -1,5 +1,6 @@
 //! End to end across restarts: balances, quota counts and stored images survive a restart; SIGTERM
-//! lets a request in flight finish; a crash mid-request is refunded at the next start.
+//! lets a request in flight finish, and past `--shutdown-timeout` stops it at the next step and
+//! refunds it before exiting; a crash mid-request is refunded at the next start.
 #![allow(clippy::unwrap_used)]
 
 mod server_support;
@@ -88,6 +89,40 @@ fn sigterm_lets_a_request_in_flight_finish() {
     // (stop sends a second SIGTERM, harmless, and waits for the exit)
     assert!(server.stop().success());
     assert_eq!(ws.balance_and_used(&key), (800, 1));
+}
+
+#[test]
+fn past_the_shutdown_timeout_the_running_batch_stops_and_is_refunded_before_exit() {
+    let ws = Workspace::new();
+    let server = ws.serve(&["--auth", "keys", "--shutdown-timeout", "0"]);
+    let key = ws.create_key(100_000, None);
+    // Far longer than the test: it can only end early if the deadline stops it.
+    let body = json!({"prompt": "a very slow one", "model": "z-image-turbo", "width": 512,
+                      "height": 512, "steps": 100, "num_images": 4})
+    .to_string();
+    std::thread::scope(|s| {
+        let pending = s.spawn(|| server.post(&body, Some(&key)));
+        for _ in 0..400 {
+            if ws.balance_and_used(&key).1 == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(ws.balance_and_used(&key).1, 1, "the request never reserved");
+        let pid = server.pid().to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let r = pending.join().unwrap();
+        assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.bytes));
+    });
+    let log = server.log();
+    assert!(server.stop().success());
+    // Refunded by this process before it exited, not by the next start.
+    assert_eq!(ws.balance_and_used(&key), (100_000, 0));
+    assert!(log.contains("stopped by the shutdown deadline"), "{log}");
 }
 
 #[test]

@@ -19,6 +19,12 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("the request body is larger than {} KiB", super::extract::MAX_BODY_BYTES / 1024)]
     TooLarge,
+    #[error(
+        "a request may not carry both Transfer-Encoding and Content-Length (RFC 9112 section 6.3)"
+    )]
+    AmbiguousLength,
+    #[error("the client closed its side of the connection before the images were ready: the request was cancelled and nothing charged")]
+    ClientClosed,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -61,7 +67,9 @@ impl ApiError {
                 },
                 None,
             ),
-            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request", None),
+            ApiError::InvalidRequest(_) | ApiError::AmbiguousLength | ApiError::ClientClosed => {
+                (StatusCode::BAD_REQUEST, "invalid_request", None)
+            }
             ApiError::Infer(I::Unauthorized(_)) => {
                 (StatusCode::UNAUTHORIZED, "invalid_api_key", None)
             }

@@ -8,6 +8,9 @@
 //! - In open mode on a loopback address, a `Host` other than the listen address, `localhost`,
 //!   `127.0.0.1`, `[::1]`, the public URL's host or one of `--allowed-hosts` is refused with 403
 //!   (a rebinding page's requests carry its own host name).
+//!
+//! It also refuses the requests [`super::framing`] marked as carrying both `Transfer-Encoding`
+//! and `Content-Length`.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -73,6 +76,9 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 }
 
 pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.headers().contains_key(super::framing::CONFLICT_HEADER) {
+        return ApiError::AmbiguousLength.into_response();
+    }
     let policy = &state.web;
     let host = req
         .headers()

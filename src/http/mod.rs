@@ -1,13 +1,16 @@
 //! The HTTP front (the only module that knows axum): routes, extractors, error mapping.
 
+mod client_io;
 mod context;
 mod dto;
 mod error;
 mod extract;
 mod file_body;
 mod files;
+mod framing;
 mod generate;
 mod guard;
+mod hangup;
 mod idempotency;
 mod metrics;
 mod models;

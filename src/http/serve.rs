@@ -9,22 +9,29 @@
 //!   that stops reading).
 //! - At most [`MAX_BUF_BYTES`] of a response are buffered per connection: bodies are polled only
 //!   as the socket drains, so a slow reader holds that much, not the whole file.
+//! - A client may half-close its connection after its request and still gets its response
+//!   (see [`super::hangup`] for how generations tell that from a client that went away).
+//! - A request with both `Transfer-Encoding` and `Content-Length` is refused, and the answers
+//!   hyper writes itself (requests it cannot parse) are in the contract's JSON (see
+//!   [`super::client_io`]).
 
 use std::future::Future;
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Sleep;
+use tower::ServiceExt;
+
+use super::client_io::ClientIo;
+use super::hangup::Hangup;
 
 /// Bytes hyper buffers per connection, each way (the largest request head, too).
 pub const MAX_BUF_BYTES: usize = 64 * 1024;
@@ -53,6 +60,11 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_BUF_BYTES)
+        // max_buf_size alone lets a larger head through when it arrives in one read.
+        .max_header_size(MAX_BUF_BYTES)
+        // A client may shut down its sending side after its request and still get the
+        // response (generations tell the two apart themselves: see `hangup`).
+        .half_close(true)
         .keep_alive(true);
     let mut shutdown = pin!(shutdown);
 
@@ -77,8 +89,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(TimedIo::new(stream, limits.write_timeout));
-        let service = TowerToHyperService::new(router.clone());
+        let stream = Arc::new(stream);
+        let hangup = Hangup::new(stream.clone());
+        let io = TokioIo::new(ClientIo::new(stream, limits.write_timeout));
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(hangup.clone());
+            router.clone().oneshot(req)
+        });
         let conn = builder.serve_connection(io, service);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -108,90 +126,4 @@ pub async fn serve(
         .acquire_many(u32::try_from(max).unwrap_or(u32::MAX))
         .await;
     Ok(())
-}
-
-/// A TCP stream whose writes fail with `TimedOut` once one has been pending for `write_timeout`.
-struct TimedIo {
-    stream: TcpStream,
-    write_timeout: Duration,
-    /// Running while a write is pending; reset by any progress.
-    stalled: Option<Pin<Box<Sleep>>>,
-}
-
-impl TimedIo {
-    fn new(stream: TcpStream, write_timeout: Duration) -> Self {
-        Self {
-            stream,
-            write_timeout,
-            stalled: None,
-        }
-    }
-
-    /// Pass a write-side poll through, timing how long it stays pending.
-    fn timed<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.stalled = None;
-            return polled;
-        }
-        let timeout = self.write_timeout;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if stalled.as_mut().poll(cx).is_ready() {
-            self.stalled = None;
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client has not read the response for the write timeout",
-            )));
-        }
-        Poll::Pending
-    }
-}
-
-impl AsyncRead for TimedIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TimedIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.timed(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.timed(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        self.timed(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
-        self.timed(cx, polled)
-    }
 }

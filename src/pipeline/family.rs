@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{PipelineError, Result};
+use super::flops::Work;
 use super::image::RgbImage;
 
 /// How a family combines the positive and negative predictions of a guided step.
@@ -100,6 +101,9 @@ pub trait Family: Send {
     fn velocity(&self, items: &[ModelInput<'_>]) -> Result<Vec<Tensor>>;
     /// Decode final latents (one per image) to RGB.
     fn decode(&self, latents: &[&Tensor]) -> Result<Vec<RgbImage>>;
+    /// The arithmetic of one request for `prompt` at this size, counted from the loaded
+    /// configuration ([`super::flops`]): what `diffusiond bench` reports TFLOP/s against.
+    fn work(&self, prompt: &str, width: usize, height: usize) -> Result<Work>;
 }
 
 /// How to load a pipeline of any family.

@@ -72,6 +72,8 @@ impl std::fmt::Display for WeightSource {
 pub struct ModelFiles {
     source: WeightSource,
     hub: Option<HubRepo>,
+    /// Weights made at random instead of read (`diffusiond bench --synthetic`).
+    random: Option<std::sync::Arc<super::synthetic::RandomWeights>>,
 }
 
 struct HubRepo {
@@ -127,7 +129,16 @@ impl ModelFiles {
         Ok(Self {
             source: source.clone(),
             hub,
+            random: None,
         })
+    }
+
+    /// A directory of configuration files (and a tokenizer) whose weights are made at random
+    /// on the device as the loaders ask for them (see [`super::synthetic`]).
+    pub fn with_random_weights(dir: PathBuf) -> Result<Self> {
+        let mut files = Self::open(&WeightSource::Local(dir))?;
+        files.random = Some(Default::default());
+        Ok(files)
     }
 
     pub fn source(&self) -> &WeightSource {
@@ -211,6 +222,9 @@ impl ModelFiles {
     /// Number of parameters (elements of all tensors) of a component, from the safetensors
     /// headers alone (nothing is loaded): what sizes the pipeline in memory.
     pub fn parameter_count(&self, component: &str, stem: &str) -> Result<u64> {
+        if let Some(random) = &self.random {
+            return Ok(random.parameter_count(component));
+        }
         let mut total = 0u64;
         for path in self.safetensors(component, stem)? {
             total += safetensors_elements(&path)?;
@@ -226,6 +240,9 @@ impl ModelFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
+        if let Some(random) = &self.random {
+            return Ok(random.var_builder(component, dtype, device));
+        }
         let files = self.safetensors(component, stem)?;
         mmap_var_builder(&files, dtype, device)
     }

@@ -5,10 +5,12 @@
 //! [`Conditioning`]).
 
 pub mod attention;
+pub mod bench;
 pub mod denoise;
 pub mod device;
 pub mod error;
 pub mod family;
+pub mod flops;
 pub mod flux2;
 pub mod image;
 pub mod kernels;
@@ -18,6 +20,7 @@ pub mod prompt;
 pub mod qwen3;
 pub mod registry;
 pub mod sampler;
+pub mod synthetic;
 pub mod vae;
 pub mod z_image;
 

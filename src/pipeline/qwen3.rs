@@ -214,6 +214,15 @@ impl TextEncoder {
         self.cfg.hidden_size
     }
 
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Layers this encoder runs (up to the last hidden state it reads).
+    pub fn layers_run(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Width of the features [`Self::encode`] returns: `hidden_size` per state read.
     pub fn feature_size(&self) -> usize {
         self.cfg.hidden_size * self.states.len()

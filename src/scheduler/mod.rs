@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     queue: Mutex<Queue<Pending>>,
     cv: Condvar,
     shutting_down: AtomicBool,
+    /// Set by [`Scheduler::abort`]: running batches stop at the next step boundary.
+    aborting: AtomicBool,
     metrics: Metrics,
     /// Per worker: names of its loaded pipelines, most recently used first (written by the
     /// worker's thread).
@@ -214,6 +216,7 @@ pub fn start(config: SchedulerConfig) -> Result<SchedulerHandle, StartError> {
         queue: Mutex::new(Queue::new(config.queue_capacity, MAX_HEAD_OVERTAKES)),
         cv: Condvar::new(),
         shutting_down: AtomicBool::new(false),
+        aborting: AtomicBool::new(false),
         metrics,
         loaded: Mutex::new(vec![Vec::new(); devices.len()]),
         idle: AtomicUsize::new(0),
@@ -399,6 +402,14 @@ impl SchedulerHandle {
     /// Scheduler metrics in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.render()
+    }
+
+    /// Like [`Scheduler::shutdown`], but the running batches stop at their next step boundary
+    /// and their jobs are answered with [`JobError::ShuttingDown`] at once (so their requests are
+    /// refunded now instead of finishing past the shutdown deadline). Blocking.
+    pub fn abort(&self) {
+        self.shared.aborting.store(true, Ordering::SeqCst);
+        self.shutdown();
     }
 
     /// Stop accepting jobs, answer waiting ones with [`JobError::ShuttingDown`], let the running

@@ -98,6 +98,7 @@ impl Worker {
                 }
             }
             self.drop_cancelled(&mut batch);
+            self.drop_if_aborting(&mut batch);
             if batch.is_empty() {
                 key = None;
                 continue;
@@ -277,6 +278,17 @@ impl Worker {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// At a step boundary after [`super::Scheduler::abort`]: answer every running job now.
+    fn drop_if_aborting(&self, batch: &mut Vec<Active>) {
+        if batch.is_empty() || !self.shared.aborting.load(Ordering::SeqCst) {
+            return;
+        }
+        for a in batch.drain(..) {
+            tracing::warn!(parent: &a.pending.span, "stopped by the shutdown deadline: refunded");
+            let _ = a.pending.reply.send(Err(JobError::ShuttingDown));
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use diffusiond::pipeline::family::{Family, LoadOptions, ModelInput};
 use diffusiond::pipeline::flux2::{latent, rope};
 use diffusiond::pipeline::image::to_rgb8;
@@ -35,13 +35,27 @@ const TOL_VAE: f32 = 5e-5;
 /// At most this fraction of image bytes may differ, and only by one.
 const MAX_U8_MISMATCH: f64 = 0.001;
 
+// In bf16 (`DIFFUSIOND_TEST_DTYPE=bf16`, run by scripts/gpu-check on a GPU): one bf16 rounding
+// is 2^-9 relative and every layer rounds its output, so errors grow with depth and are absolute
+// on values of up to ~20 (the stacked text features). Measured on the CPU's bf16 path (candle
+// ops; 2026-12-02, AMD EPYC Zen 4), public + alt cases: embeds <= 0.82, step0 <= 0.53 (alone
+// <= 0.51), latents <= 0.39 (0.95 for the base checkpoint with g = 4, which amplifies
+// pos - neg); limits ~2x that. RoPE tables are computed in f32 and rounded once (values <= 1).
+// The VAE could not run there (candle's CPU matmul has no bf16): its limits are derived (the BN
+// scale of up to ~3 on the latent error, a decoder of gain ~2 on outputs in [-1, 1]); the GPU
+// report prints every measured error.
+const HALF_EMBEDS: f32 = 1.6;
+const HALF_ROPE: f32 = 4e-3;
+const HALF_STEP0: f32 = 1.0;
+const HALF_LATENTS: f32 = 2.0;
+const HALF_VAE_IN: f32 = 6.0;
+const HALF_VAE: f32 = 0.5;
+const HALF_MAX_U8_DIFF: u8 = 64;
+const HALF_U8_MISMATCH: f64 = 1.0;
+
 /// `$DIFFUSIOND_REFERENCE_FLUX2`, default `../shared/reference-flux2` beside the crate.
 pub fn reference_dir() -> PathBuf {
-    std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
-        })
+    super::common::reference_flux2_dir()
 }
 
 struct Case {
@@ -159,7 +173,10 @@ fn run_case(model: &Flux2Klein, case: &Case) -> Errors {
         let hs = model.text_hidden_states(&ids, valid).unwrap();
         for (k, h) in hs.iter().enumerate().take(2) {
             let e = max_abs(h, case.get(&format!("dbg.text_hidden_states.{k}")));
-            assert!(e <= 1e-5, "{name}: text hidden state {k}: {e}");
+            assert!(
+                e <= super::common::tol(1e-5, HALF_EMBEDS),
+                "{name}: text hidden state {k}: {e}"
+            );
         }
     }
     let conds = encode(model, case, &prompts, "", &mut embeds);
@@ -361,8 +378,8 @@ fn run_case(model: &Flux2Klein, case: &Case) -> Errors {
 fn load(dir: &Path, max_len: usize, distilled: bool) -> Flux2Klein {
     let files = ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap();
     let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
+        device: super::common::test_device(),
+        dtype: super::common::test_dtype(),
         offload_text_encoder: false,
         max_sequence_length: Some(max_len),
     };
@@ -421,7 +438,7 @@ pub fn run_reference_dir(dir: &Path) {
         .unwrap();
         let t = candle_core::safetensors::load(
             dir.join(format!("cases/{name}.safetensors")),
-            &Device::Cpu,
+            &super::common::test_device(),
         )
         .unwrap();
         let case = Case {
@@ -448,17 +465,18 @@ pub fn run_reference_dir(dir: &Path) {
             e.max_u8_diff,
             e.total_bytes
         );
-        let ok = e.embeds <= TOL_EMBEDS
-            && e.rope <= TOL_ROPE
+        let ok = e.embeds <= super::common::tol(TOL_EMBEDS, HALF_EMBEDS)
+            && e.rope <= super::common::tol(TOL_ROPE, HALF_ROPE)
             && e.sigmas <= TOL_SIGMAS
-            && e.step0 <= TOL_STEP0
-            && e.step0_alone <= TOL_STEP0_ALONE
-            && e.latents <= TOL_LATENTS
-            && e.vae_in <= TOL_VAE_IN
-            && e.vae <= TOL_VAE
-            && e.vae_alone <= TOL_VAE_ALONE
-            && e.max_u8_diff <= 1
-            && (e.mismatch as f64) <= MAX_U8_MISMATCH * e.total_bytes as f64;
+            && e.step0 <= super::common::tol(TOL_STEP0, HALF_STEP0)
+            && e.step0_alone <= super::common::tol(TOL_STEP0_ALONE, HALF_STEP0)
+            && e.latents <= super::common::tol(TOL_LATENTS, HALF_LATENTS)
+            && e.vae_in <= super::common::tol(TOL_VAE_IN, HALF_VAE_IN)
+            && e.vae <= super::common::tol(TOL_VAE, HALF_VAE)
+            && e.vae_alone <= super::common::tol(TOL_VAE_ALONE, HALF_VAE)
+            && e.max_u8_diff <= super::common::tol(1, HALF_MAX_U8_DIFF)
+            && (e.mismatch as f64)
+                <= super::common::tol(MAX_U8_MISMATCH, HALF_U8_MISMATCH) * e.total_bytes as f64;
         if !ok {
             failures.push(name.clone());
         }

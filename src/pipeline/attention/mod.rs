@@ -42,13 +42,39 @@ use crate::pipeline::error::Result;
 /// Scores held at once per item (f32 elements): 8 Mi = 32 MiB.
 const SCORE_BUDGET: usize = 8 << 20;
 
+/// Whether flash attention is turned off for this process ([`set_flash_attention`]).
+static FLASH_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this build has the flash-attention kernels (feature `flash-attn`).
+pub const FLASH_BUILT: bool = cfg!(feature = "flash-attn");
+
+/// Turn the flash-attention kernels on or off for the whole process (a comparison switch for
+/// `diffusiond bench` and the GPU check; on by default where built). Off, CUDA attention takes
+/// the generic path below.
+pub fn set_flash_attention(on: bool) {
+    FLASH_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether flash attention runs where it applies: built in and not turned off.
+pub fn flash_attention_on() -> bool {
+    FLASH_BUILT && !FLASH_OFF.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// q: (B, H, S, D), k/v: (B, Hkv, S, D); `lens[i]` valid rows of item i (all S when `None`).
 /// Returns (B, S, H*D); rows past an item's length are zero.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
     #[cfg(feature = "flash-attn")]
-    if let Some(out) = cuda::attention(q, k, v, lens)? {
-        return Ok(out);
+    if flash_attention_on() {
+        if let Some(out) = cuda::attention(q, k, v, lens)? {
+            return Ok(out);
+        }
     }
+    without_flash(q, k, v, lens)
+}
+
+/// [`attention`] without the flash-attention kernels: the CPU op, or candle's ops elsewhere
+/// (what flash attention is checked against).
+pub fn without_flash(q: &Tensor, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = cpu::CpuAttention {

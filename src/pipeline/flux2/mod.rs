@@ -21,6 +21,7 @@ use self::latent::BatchNormStats;
 use self::transformer::Transformer;
 use super::error::{load_err, Result};
 use super::family::{CfgRule, Conditioning, Family, FamilyInfo, LoadOptions, ModelInput};
+use super::flops::{self, Work};
 use super::image::{to_rgb8, RgbImage};
 use super::load::ModelFiles;
 use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
@@ -338,5 +339,18 @@ impl Family for Flux2Klein {
         }
         let z = self.vae_input(&Tensor::stack(latents, 0)?)?;
         to_rgb8(&self.vae_decode(&z)?)
+    }
+
+    fn work(&self, _prompt: &str, width: usize, height: usize) -> Result<Work> {
+        self.check_size(width, height)?;
+        Ok(flops::flux2(
+            self.transformer.config(),
+            self.text_encoder.config(),
+            self.text_encoder.layers_run(),
+            self.vae.config(),
+            self.tokenizer.max_len(),
+            width,
+            height,
+        ))
     }
 }

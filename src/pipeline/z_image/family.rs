@@ -9,6 +9,7 @@ use super::transformer::{ItemInput, Transformer};
 use super::ZImage;
 use crate::pipeline::error::Result;
 use crate::pipeline::family::{CfgRule, Conditioning, Family, FamilyInfo, ModelInput};
+use crate::pipeline::flops::Work;
 use crate::pipeline::image::{to_rgb8, RgbImage};
 use crate::pipeline::noise::initial_latent;
 use crate::pipeline::sampler::{model_time, sigmas};
@@ -87,5 +88,9 @@ impl Family for ZImage {
     fn decode(&self, latents: &[&Tensor]) -> Result<Vec<RgbImage>> {
         let batch = Tensor::stack(latents, 0)?;
         to_rgb8(&ZImage::decode(self, &batch)?)
+    }
+
+    fn work(&self, prompt: &str, width: usize, height: usize) -> Result<Work> {
+        ZImage::work(self, prompt, width, height)
     }
 }

@@ -13,6 +13,7 @@ use self::config::TransformerConfig;
 use self::transformer::{check_caption_width, ItemInput, Transformer};
 use super::error::{load_err, Result};
 use super::family::{FamilyInfo, LoadOptions};
+use super::flops::{self, Work};
 use super::load::ModelFiles;
 use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
 use super::qwen3::{self as text_encoder, TextEncoder};
@@ -152,6 +153,20 @@ impl ZImage {
     /// Pixels per token side: VAE factor x patch (16 for Z-Image).
     pub fn size_multiple(&self) -> usize {
         self.vae.config().spatial_factor() * self.transformer.config().patch()
+    }
+
+    /// The arithmetic of one request (see [`crate::pipeline::flops`]).
+    pub fn work(&self, prompt: &str, width: usize, height: usize) -> Result<Work> {
+        let tokens = self.tokenize(prompt)?.len();
+        Ok(flops::z_image(
+            self.transformer.config(),
+            self.text_encoder.config(),
+            self.text_encoder.layers_run(),
+            self.vae.config(),
+            tokens,
+            width,
+            height,
+        ))
     }
 
     /// Token ids of the templated, truncated prompt.
