@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+mod shared;
+
 use crate::accounts::{Accounts, KeyInfo, NewKey};
 use crate::catalog::{Catalog, Pipeline};
 use crate::cli::{AuthMode, KeysArgs, KeysCommand, ServeArgs, WeightsOverride};
@@ -16,7 +18,7 @@ use crate::infer::{AuthPolicy, Facade, Generator, WorkerState};
 use crate::scheduler::{
     self, Job, ProgressTx, SchedulerConfig, SchedulerHandle, SubmitError, Ticket,
 };
-use crate::store::FileStore;
+use crate::store::ImageStore;
 
 /// The scheduler as the facade's generator, with the state `GET /health` reports: `Stopped` from
 /// the shutdown signal on or once the device thread is gone, `Ready` otherwise. (HTTP is served
@@ -116,13 +118,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let _lock = lock_data_dir(&data_dir)?;
-    let accounts = Accounts::open(&data_dir).await?;
-    let refunded = accounts.refund_stale_reservations().await?;
-    if refunded > 0 {
-        tracing::warn!("refunded {refunded} request(s) left unfinished by the previous run");
-    }
-    let store = FileStore::open(&data_dir)
-        .with_context(|| format!("file store in {}", data_dir.display()))?;
+    let accounts = shared::open_accounts(&data_dir, args.shared.database_url.as_deref()).await?;
+    let heartbeat = tokio::spawn(shared::heartbeat(
+        accounts.clone(),
+        args.shared.instance_timeout.0,
+    ));
+    let store = shared::open_store(&data_dir, &args.shared).await?;
     if let Some(age) = args.retention {
         tokio::spawn(retention(store.clone(), age.0));
     }
@@ -150,7 +151,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopping: AtomicBool::new(false),
     });
     let mut facade = Facade::new(catalog, policy, store, worker.clone())
-        .with_admission_limit(args.queue_capacity);
+        .with_admission_limit(args.queue_capacity)
+        .with_idempotency(accounts.clone());
     if args.no_metadata {
         facade = facade.without_metadata();
     }
@@ -221,25 +223,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             REFUND_WAIT.as_secs()
         );
     }
+    heartbeat.abort();
+    shared::leave(&accounts).await;
     accounts.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Delete stored images older than `max_age`, checking every `max_age / 4` (1 s to 5 min).
-async fn retention(store: FileStore, max_age: Duration) {
+async fn retention(store: ImageStore, max_age: Duration) {
     let every = (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
     tracing::info!(
         max_age_s = max_age.as_secs(),
         "retention on: older images are deleted"
     );
     loop {
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.remove_older_than(max_age)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(requests = n, "retention: deleted old images"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed"),
-            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        match store.remove_older_than(max_age).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(requests = n, "retention: deleted old images"),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
         }
         tokio::time::sleep(every).await;
     }
@@ -329,9 +331,12 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir)?;
     // Only `create` may start a database; the others on a mistyped --data-dir must fail, not
     // create an empty one there.
-    let accounts = match args.command {
-        KeysCommand::Create { .. } => Accounts::open(&dir).await?,
-        _ => Accounts::open_existing(&dir).await?,
+    let accounts = match (&args.database_url, &args.command) {
+        (Some(url), _) => Accounts::connect(url)
+            .await
+            .with_context(|| format!("accounts database {}", crate::accounts::redact_url(url)))?,
+        (None, KeysCommand::Create { .. }) => Accounts::open(&dir).await?,
+        (None, _) => Accounts::open_existing(&dir).await?,
     };
     let result = run_keys(&accounts, args.command).await;
     accounts.close().await;

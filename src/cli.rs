@@ -6,6 +6,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::pipeline::{DeviceSpec, RunDType, RunOptions, WeightSource};
 
+mod shared;
+pub use shared::SharedArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "diffusiond",
@@ -263,6 +266,8 @@ pub struct ServeArgs {
     /// (PNG text chunks, XMP in JPEG and WebP), so anyone holding the file can read the prompt.
     #[arg(long, env = "DIFFUSIOND_NO_METADATA")]
     pub no_metadata: bool,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 }
 
 /// A duration as `N` seconds or `N` followed by `s`, `m`, `h` or `d`.
@@ -297,6 +302,15 @@ pub struct KeysArgs {
     /// Data directory holding the accounts database (the server's --data-dir).
     #[arg(long, env = "DIFFUSIOND_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// The servers' Postgres database (`postgres://...`), when they share one; else the SQLite
+    /// file in the data directory.
+    #[arg(
+        long,
+        env = "DIFFUSIOND_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: KeysCommand,
 }

@@ -17,3 +17,6 @@ mod metrics;
 pub mod pipeline;
 pub mod scheduler;
 mod store;
+#[cfg(test)]
+#[path = "../tests/services/mod.rs"]
+mod test_services;

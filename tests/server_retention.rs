@@ -35,7 +35,12 @@ fn images_older_than_the_retention_answer_404() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(server.log().contains("retention: deleted old images"));
+    // The log line follows the deletion that the 404 saw: give it a moment to be written.
+    let logged = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("retention: deleted old images") {
+        assert!(Instant::now() < logged, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

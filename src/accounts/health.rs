@@ -50,12 +50,28 @@ impl WriteHealth {
     }
 }
 
+/// Postgres SQLSTATE classes (and codes) that mean "the database cannot be written now":
+/// connection exception, insufficient resources (disk full, out of memory, too many
+/// connections), operator intervention (shutdown), system error (I/O), internal error, and a
+/// read-only transaction (a standby, or `default_transaction_read_only`).
+const PG_STORAGE_PREFIXES: [&str; 6] = ["08", "53", "57", "58", "XX", "25006"];
+
 fn is_storage_failure(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|c| c.parse::<i64>().ok())
-            .is_some_and(|code| STORAGE_CODES.contains(&(code & 0xff))),
+        sqlx::Error::Database(db) => {
+            let Some(code) = db.code() else {
+                return false;
+            };
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                PG_STORAGE_PREFIXES.iter().any(|p| code.starts_with(p))
+            } else {
+                code.parse::<i64>()
+                    .is_ok_and(|code| STORAGE_CODES.contains(&(code & 0xff)))
+            }
+        }
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -66,7 +82,7 @@ fn is_storage_failure(e: &sqlx::Error) -> bool {
 
 /// A write that needs fresh pages and leaves nothing behind (the caller commits it).
 pub(super) async fn probe(tx: &mut WriteTx) -> Result<(), AccountsError> {
-    sqlx::query("INSERT INTO write_probe (id, filler) VALUES (1, ?)")
+    sqlx::query("INSERT INTO write_probe (id, filler) VALUES (1, $1)")
         .bind("x".repeat(PROBE_BYTES))
         .execute(&mut **tx)
         .await?;

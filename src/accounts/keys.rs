@@ -4,7 +4,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{quota, unix_now, Account, Accounts, AccountsError};
@@ -64,9 +64,9 @@ fn new_secret() -> String {
 const INFO_COLUMNS: &str =
     "k.id, k.name, k.key_prefix, k.balance, k.daily_quota, k.created_at, k.revoked_at, \
      COALESCE(u.requests, 0) AS used_today \
-     FROM api_keys k LEFT JOIN daily_usage u ON u.key_id = k.id AND u.day = ?";
+     FROM api_keys k LEFT JOIN daily_usage u ON u.key_id = k.id AND u.day = $1";
 
-fn info_from_row(row: &SqliteRow) -> Result<KeyInfo, sqlx::Error> {
+fn info_from_row(row: &AnyRow) -> Result<KeyInfo, sqlx::Error> {
     Ok(KeyInfo {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -103,7 +103,7 @@ impl Accounts {
         );
         sqlx::query(
             "INSERT INTO api_keys (id, key_hash, key_prefix, name, balance, daily_quota, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&id)
         .bind(hash_key(&secret))
@@ -133,7 +133,7 @@ impl Accounts {
     /// One key by ID.
     pub async fn key_info(&self, id: &str) -> Result<KeyInfo, AccountsError> {
         let today = quota::day_of(chrono::Utc::now());
-        let row = sqlx::query(&format!("SELECT {INFO_COLUMNS} WHERE k.id = ?"))
+        let row = sqlx::query(&format!("SELECT {INFO_COLUMNS} WHERE k.id = $2"))
             .bind(today)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -145,9 +145,9 @@ impl Accounts {
     /// The ID of a key given as the key itself (`dk_...`) or its ID (`key_...`).
     async fn resolve(&self, key_or_id: &str) -> Result<String, AccountsError> {
         let row = if key_or_id.starts_with(KEY_PREFIX) {
-            sqlx::query("SELECT id FROM api_keys WHERE key_hash = ?").bind(hash_key(key_or_id))
+            sqlx::query("SELECT id FROM api_keys WHERE key_hash = $1").bind(hash_key(key_or_id))
         } else {
-            sqlx::query("SELECT id FROM api_keys WHERE id = ?").bind(key_or_id)
+            sqlx::query("SELECT id FROM api_keys WHERE id = $1").bind(key_or_id)
         }
         .fetch_optional(&self.pool)
         .await?;
@@ -158,7 +158,7 @@ impl Accounts {
     /// Revoke a key: every later request with it gets 401. Revoking twice is not an error.
     pub async fn revoke(&self, key_or_id: &str) -> Result<KeyInfo, AccountsError> {
         let id = self.resolve(key_or_id).await?;
-        sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(unix_now())
             .bind(&id)
             .execute(&self.pool)
@@ -179,14 +179,15 @@ impl Accounts {
         }
         let id = self.resolve(key_or_id).await?;
         // The bound is checked in the same statement, so nothing is written past it.
-        let added =
-            sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ? AND balance <= ?")
-                .bind(credits)
-                .bind(&id)
-                .bind(MAX_CREDITS - credits)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let added = sqlx::query(
+            "UPDATE api_keys SET balance = balance + $1 WHERE id = $2 AND balance <= $3",
+        )
+        .bind(credits)
+        .bind(&id)
+        .bind(MAX_CREDITS - credits)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         if added == 0 {
             return Err(AccountsError::InvalidArgument(format!(
                 "the balance would exceed the maximum of {MAX_CREDITS} credits; nothing was added"
@@ -201,7 +202,7 @@ impl Accounts {
             return Err(AccountsError::UnknownKey);
         }
         let row =
-            sqlx::query("SELECT id, daily_quota, revoked_at FROM api_keys WHERE key_hash = ?")
+            sqlx::query("SELECT id, daily_quota, revoked_at FROM api_keys WHERE key_hash = $1")
                 .bind(hash_key(secret))
                 .fetch_optional(&self.pool)
                 .await?

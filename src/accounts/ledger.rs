@@ -3,6 +3,7 @@
 //! [`Accounts::refund_stale_reservations`].
 
 use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::write::WriteTx;
@@ -30,7 +31,8 @@ impl Accounts {
     ) -> Result<Reservation, AccountsError> {
         let day = quota::day_of(now);
         let mut tx = self.begin_write().await?;
-        let outcome = reserve_in(&mut tx, account, request_id, credits, &day, now).await;
+        let instance = self.instance.as_deref();
+        let outcome = reserve_in(&mut tx, account, request_id, credits, &day, now, instance).await;
         self.finish(tx, outcome).await?;
         Ok(Reservation {
             request_id: request_id.to_string(),
@@ -42,7 +44,7 @@ impl Accounts {
 
     /// The request succeeded: the reserved credits stay spent.
     pub async fn settle(&self, r: &Reservation) -> Result<(), AccountsError> {
-        let settled = sqlx::query("UPDATE charges SET status = 'settled', updated_at = ? WHERE request_id = ? AND status = 'reserved'")
+        let settled = sqlx::query("UPDATE charges SET status = 'settled', updated_at = $1 WHERE request_id = $2 AND status = 'reserved'")
             .bind(unix_now())
             .bind(&r.request_id)
             .execute(&self.pool)
@@ -56,27 +58,40 @@ impl Accounts {
     pub async fn refund(&self, r: &Reservation) -> Result<(), AccountsError> {
         let mut tx = self.begin_write().await?;
         let outcome = refund_in(&mut tx, r).await;
-        self.finish(tx, outcome).await
+        self.finish(tx, outcome).await.map(drop)
     }
 
-    /// Refund every reservation left open by a server that stopped mid-request. Call at start,
-    /// before taking requests (one server per data directory). Returns how many were refunded.
+    /// Refund every reservation left open by a server that stopped mid-request. Only for a
+    /// database that one server uses alone (the SQLite file of a locked data directory): call at
+    /// start, before taking requests. Returns how many were refunded. (A shared database refunds
+    /// per dead instance instead: [`Accounts::reap_dead_instances`].)
     pub async fn refund_stale_reservations(&self) -> Result<usize, AccountsError> {
         let rows = sqlx::query(
             "SELECT request_id, key_id, credits, day FROM charges WHERE status = 'reserved'",
         )
         .fetch_all(&self.pool)
         .await?;
-        for row in &rows {
+        self.refund_rows(&rows).await
+    }
+
+    /// Refund the reservations of `rows` (request_id, key_id, credits, day); how many this call
+    /// flipped (one refunded by someone else meanwhile is not counted, nor refunded twice).
+    pub(super) async fn refund_rows(&self, rows: &[AnyRow]) -> Result<usize, AccountsError> {
+        let mut refunded = 0;
+        for row in rows {
             let r = Reservation {
                 request_id: row.try_get("request_id")?,
                 key_id: row.try_get("key_id")?,
                 credits: row.try_get("credits")?,
                 day: row.try_get("day")?,
             };
-            self.refund(&r).await?;
+            let mut tx = self.begin_write().await?;
+            let outcome = refund_in(&mut tx, &r).await;
+            if self.finish(tx, outcome).await? {
+                refunded += 1;
+            }
         }
-        Ok(rows.len())
+        Ok(refunded)
     }
 }
 
@@ -88,14 +103,15 @@ async fn reserve_in(
     credits: i64,
     day: &str,
     now: DateTime<Utc>,
+    instance: Option<&str>,
 ) -> Result<(), AccountsError> {
     // Count the request, unless the quota is used up (the WHERE makes the upsert a no-op).
-    const COUNT: &str = "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
+    const COUNT: &str = "INSERT INTO daily_usage (key_id, day, requests) VALUES ($1, $2, 1) \
          ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1";
     const COUNT_UNDER_QUOTA: &str =
-        "INSERT INTO daily_usage (key_id, day, requests) VALUES (?, ?, 1) \
+        "INSERT INTO daily_usage (key_id, day, requests) VALUES ($1, $2, 1) \
          ON CONFLICT (key_id, day) DO UPDATE SET requests = daily_usage.requests + 1 \
-         WHERE daily_usage.requests < ?";
+         WHERE daily_usage.requests < $3";
     let counted = match account.daily_quota {
         Some(quota) => sqlx::query(COUNT_UNDER_QUOTA)
             .bind(&account.id)
@@ -114,16 +130,15 @@ async fn reserve_in(
     }
 
     let charged = sqlx::query(
-        "UPDATE api_keys SET balance = balance - ? WHERE id = ? AND revoked_at IS NULL AND balance >= ?",
+        "UPDATE api_keys SET balance = balance - $1 WHERE id = $2 AND revoked_at IS NULL AND balance >= $1",
     )
     .bind(credits)
     .bind(&account.id)
-    .bind(credits)
     .execute(&mut **tx)
     .await?
     .rows_affected();
     if charged == 0 {
-        let row = sqlx::query("SELECT balance, revoked_at FROM api_keys WHERE id = ?")
+        let row = sqlx::query("SELECT balance, revoked_at FROM api_keys WHERE id = $1")
             .bind(&account.id)
             .fetch_optional(&mut **tx)
             .await?;
@@ -141,24 +156,29 @@ async fn reserve_in(
 
     let now_secs = unix_now();
     sqlx::query(
-        "INSERT INTO charges (request_id, key_id, day, credits, status, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, 'reserved', ?, ?)",
+        "INSERT INTO charges \
+         (request_id, key_id, day, credits, status, created_at, updated_at, instance_id) \
+         VALUES ($1, $2, $3, $4, 'reserved', $5, $5, $6)",
     )
     .bind(request_id)
     .bind(&account.id)
     .bind(day)
     .bind(credits)
     .bind(now_secs)
-    .bind(now_secs)
+    .bind(instance)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// The statements of [`Accounts::refund`], inside its transaction.
-async fn refund_in(tx: &mut WriteTx, r: &Reservation) -> Result<(), AccountsError> {
+/// The statements of [`Accounts::refund`], inside its transaction; whether this refunded it
+/// (false: it was settled or refunded already). The flip of the charge's status is what makes a
+/// refund happen once, however many servers try it at the same moment. The key's rows are
+/// locked in the order reserve locks them (daily_usage, then api_keys), so on Postgres a refund
+/// and a reservation of one key never deadlock.
+async fn refund_in(tx: &mut WriteTx, r: &Reservation) -> Result<bool, AccountsError> {
     let flipped = sqlx::query(
-        "UPDATE charges SET status = 'refunded', updated_at = ? WHERE request_id = ? AND status = 'reserved'",
+        "UPDATE charges SET status = 'refunded', updated_at = $1 WHERE request_id = $2 AND status = 'reserved'",
     )
     .bind(unix_now())
     .bind(&r.request_id)
@@ -166,38 +186,25 @@ async fn refund_in(tx: &mut WriteTx, r: &Reservation) -> Result<(), AccountsErro
     .await?
     .rows_affected();
     if flipped == 1 {
-        sqlx::query("UPDATE api_keys SET balance = balance + ? WHERE id = ?")
-            .bind(r.credits)
-            .bind(&r.key_id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("UPDATE daily_usage SET requests = requests - 1 WHERE key_id = ? AND day = ? AND requests > 0")
+        sqlx::query("UPDATE daily_usage SET requests = requests - 1 WHERE key_id = $1 AND day = $2 AND requests > 0")
             .bind(&r.key_id)
             .bind(&r.day)
             .execute(&mut **tx)
             .await?;
+        sqlx::query("UPDATE api_keys SET balance = balance + $1 WHERE id = $2")
+            .bind(r.credits)
+            .bind(&r.key_id)
+            .execute(&mut **tx)
+            .await?;
     }
-    Ok(())
+    Ok(flipped == 1)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::super::test_util::{fill_up, free_space, open_small, open_temp};
-    use super::super::NewKey;
+    use super::super::test_util::{each_engine, fill_up, free_space, key, open_small, open_temp};
     use super::*;
-
-    async fn key(acc: &Accounts, credits: i64, quota: Option<i64>) -> Account {
-        let k = acc
-            .create_key(NewKey {
-                name: String::new(),
-                credits,
-                daily_quota: quota,
-            })
-            .await
-            .unwrap();
-        acc.authenticate(&k.secret).await.unwrap()
-    }
 
     fn noon() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2025-06-01T12:00:00Z")
@@ -207,7 +214,12 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_settle_refund() {
-        let (_dir, acc) = open_temp().await;
+        for (_guard, acc) in each_engine().await {
+            reserve_settle_refund_on(acc).await;
+        }
+    }
+
+    async fn reserve_settle_refund_on(acc: Accounts) {
         let a = key(&acc, 1000, None).await;
         let r1 = acc.reserve(&a, "req_1", 400, noon()).await.unwrap();
         let r2 = acc.reserve(&a, "req_2", 400, noon()).await.unwrap();
@@ -231,7 +243,12 @@ mod tests {
 
     #[tokio::test]
     async fn quota_counts_accepted_requests_only() {
-        let (_dir, acc) = open_temp().await;
+        for (_guard, acc) in each_engine().await {
+            quota_counts_accepted_requests_only_on(acc).await;
+        }
+    }
+
+    async fn quota_counts_accepted_requests_only_on(acc: Accounts) {
         let a = key(&acc, 100, Some(2)).await;
         let r1 = acc.reserve(&a, "req_1", 10, noon()).await.unwrap();
         // 402 does not use the quota.
@@ -269,26 +286,70 @@ mod tests {
         assert!(matches!(err, AccountsError::QuotaExceeded { .. }), "{err}");
     }
 
-    #[tokio::test]
+    /// Reservations, refunds and settlements of one key at once: never an overdraft, never a
+    /// deadlock (Postgres locks rows; the statements take them in one order), an exact ledger.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_reservations_never_overdraw() {
-        let (_dir, acc) = open_temp().await;
-        let a = key(&acc, 15 * 250, None).await;
-        let tasks: Vec<_> = (0..20)
-            .map(|i| {
-                let (acc, a) = (acc.clone(), a.clone());
-                tokio::spawn(async move { acc.reserve(&a, &format!("req_{i}"), 250, noon()).await })
-            })
-            .collect();
-        let mut ok = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(_) => ok += 1,
-                Err(AccountsError::InsufficientCredits { .. }) => {}
-                Err(e) => panic!("{e}"),
+        for (_guard, acc) in each_engine().await {
+            // Reservations only: exactly 15 of 20 fit.
+            let b = key(&acc, 15 * 250, None).await;
+            let tasks: Vec<_> = (0..20)
+                .map(|i| {
+                    let (acc, b) = (acc.clone(), b.clone());
+                    tokio::spawn(
+                        async move { acc.reserve(&b, &format!("b_{i}"), 250, noon()).await },
+                    )
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(_) => ok += 1,
+                    Err(AccountsError::InsufficientCredits { .. }) => {}
+                    Err(e) => panic!("{:?}: {e}", acc.engine()),
+                }
             }
+            assert_eq!(ok, 15, "{:?}", acc.engine());
+            assert_eq!(acc.key_info(&b.id).await.unwrap().balance, 0);
+
+            let a = key(&acc, 15 * 250, Some(1000)).await;
+            let tasks: Vec<_> = (0..40)
+                .map(|i| {
+                    let (acc, a) = (acc.clone(), a.clone());
+                    tokio::spawn(async move {
+                        let r = acc
+                            .reserve(&a, &format!("req_{i}"), 250, Utc::now())
+                            .await?;
+                        // Every third one fails and is refunded, at once, while others reserve.
+                        if i % 3 == 0 {
+                            acc.refund(&r).await?;
+                            Ok(false)
+                        } else {
+                            acc.settle(&r).await?;
+                            Ok(true)
+                        }
+                    })
+                })
+                .collect();
+            let mut kept = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(true) => kept += 1,
+                    Ok(false) | Err(AccountsError::InsufficientCredits { .. }) => {}
+                    Err(e) => panic!("{:?}: {e}", acc.engine()),
+                }
+            }
+            // Refunded credits may come back after the others gave up: at most 15 are kept.
+            assert!((1..=15).contains(&kept), "{:?}: {kept}", acc.engine());
+            let info = acc.key_info(&a.id).await.unwrap();
+            let expected = (15 * 250 - 250 * kept, kept);
+            assert_eq!(
+                (info.balance, info.used_today),
+                expected,
+                "{:?}",
+                acc.engine()
+            );
         }
-        assert_eq!(ok, 15);
-        assert_eq!(acc.key_info(&a.id).await.unwrap().balance, 0);
     }
 
     #[tokio::test]
@@ -348,7 +409,7 @@ mod tests {
         assert_eq!(info.balance, 1_000_000 - 3 * kept);
         let day = quota::day_of(noon());
         let used: i64 =
-            sqlx::query_scalar("SELECT requests FROM daily_usage WHERE key_id = ? AND day = ?")
+            sqlx::query_scalar("SELECT requests FROM daily_usage WHERE key_id = $1 AND day = $2")
                 .bind(&a.id)
                 .bind(&day)
                 .fetch_one(&acc.pool)
@@ -356,12 +417,54 @@ mod tests {
                 .unwrap();
         assert_eq!(used, kept);
         let charged: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(credits), 0) FROM charges WHERE status != 'refunded'",
+            "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM charges WHERE status != 'refunded'",
         )
         .fetch_one(&acc.pool)
         .await
         .unwrap();
         assert_eq!(charged, 3 * kept);
+    }
+
+    /// The Postgres side of the same guarantee: while the database refuses writes (here made
+    /// read-only, with every connection cut) reservations fail without a charge and /health's
+    /// check reports why; once it takes writes again the pool recovers and the ledger is exact.
+    #[tokio::test]
+    async fn postgres_that_refuses_writes_then_recovers() {
+        use crate::test_services::postgres;
+        let Some(db) = postgres::database("postgres_that_refuses_writes_then_recovers") else {
+            return;
+        };
+        let acc = Accounts::connect(&db.url).await.unwrap();
+        let a = key(&acc, 1000, None).await;
+        acc.reserve(&a, "req_before", 10, noon()).await.unwrap();
+        let cut = format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            db.name
+        );
+        postgres::admin(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            db.name
+        ));
+        postgres::admin(&cut);
+        for i in 0..3 {
+            let e = acc.reserve(&a, &format!("req_ro_{i}"), 10, noon()).await;
+            assert!(matches!(e, Err(AccountsError::Db(_))), "{e:?}");
+        }
+        let reason = acc.check_writable().await.unwrap_err();
+        assert!(reason.contains("cannot be written"), "{reason}");
+        postgres::admin(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = off",
+            db.name
+        ));
+        postgres::admin(&cut);
+        acc.check_writable().await.unwrap();
+        for i in 0..10 {
+            acc.reserve(&a, &format!("req_after_{i}"), 10, noon())
+                .await
+                .unwrap_or_else(|e| panic!("reserve {i} after recovery: {e}"));
+        }
+        assert_eq!(acc.key_info(&a.id).await.unwrap().balance, 1000 - 11 * 10);
     }
 
     #[tokio::test]

@@ -1,10 +1,15 @@
-//! Accounts: API keys, credit balances and daily quotas in an embedded SQLite database
-//! (`<data-dir>/accounts.db`), through sqlx. The only module that touches the database.
+//! Accounts: API keys, credit balances and daily quotas, through sqlx's `Any` driver on one of
+//! two engines: an embedded SQLite file (`<data-dir>/accounts.db`, the default: one server per
+//! data directory) or Postgres (`--database-url postgres://...`: any number of servers share
+//! it). The only module that touches the database.
 //!
-//! The queries are plain SQL with no SQLite-only functions, so they can move to Postgres; the one
-//! SQLite-specific statement is `BEGIN IMMEDIATE` in [`write::WriteTx`].
+//! The queries are plain SQL with `$N` parameters that both engines run unchanged; what differs
+//! per engine lives in [`Engine`] (the write transaction's `BEGIN`, the database clock, which
+//! error codes mean "cannot write now") and in the two migration directories.
 
 mod health;
+mod idempotency;
+mod instances;
 mod keys;
 mod ledger;
 pub mod quota;
@@ -15,12 +20,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Executor};
 
 use self::health::WriteHealth;
 use self::write::WriteTx;
 
+pub use idempotency::IdempotencyClaim;
 pub use keys::{KeyInfo, NewKey};
 pub use ledger::Reservation;
 
@@ -62,61 +68,152 @@ pub struct Account {
     pub daily_quota: Option<i64>,
 }
 
+/// The database engine behind an [`Accounts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The embedded file in the data directory: one server at a time.
+    Sqlite,
+    /// A Postgres server: any number of servers at once.
+    Postgres,
+}
+
+impl Engine {
+    /// The statement that opens a write transaction. SQLite: take the write lock at once, so
+    /// concurrent writers wait on the busy timeout instead of failing on a stale read snapshot.
+    /// Postgres: read committed; every write is a conditional single-row UPDATE or upsert, which
+    /// re-checks its condition on the locked row, and every transaction locks a key's rows in the
+    /// same order (daily_usage, api_keys, charges), so none can deadlock another.
+    fn begin(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "BEGIN IMMEDIATE",
+            Engine::Postgres => "BEGIN",
+        }
+    }
+
+    /// The database's clock in unix seconds, as an SQL expression (heartbeats compare with it,
+    /// so servers whose clocks disagree still agree on who is dead).
+    fn now_sql(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "CAST(strftime('%s', 'now') AS BIGINT)",
+            Engine::Postgres => "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)",
+        }
+    }
+}
+
 /// Handle to the accounts database (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Accounts {
-    pool: SqlitePool,
+    pool: AnyPool,
+    engine: Engine,
     /// Whether the last write reached the disk (what `/health` reports).
     health: Arc<WriteHealth>,
+    /// The server instance whose reservations these are (`None` in the `keys` commands).
+    instance: Option<Arc<str>>,
 }
 
 impl Accounts {
-    /// Open (creating if needed) the database in `data_dir` and apply the migrations. WAL mode and
-    /// a busy timeout let the `keys` CLI and the server use it at the same time.
+    /// Open (creating if needed) the SQLite database in `data_dir` and apply the migrations. WAL
+    /// mode and a busy timeout let the `keys` CLI and the server use it at the same time.
     pub async fn open(data_dir: &Path) -> Result<Self, AccountsError> {
-        Self::open_with(data_dir, |o| o).await
+        Self::open_with(data_dir, &[]).await
     }
 
-    /// Open the database only if it exists (the `keys` commands that read or change keys: a
-    /// mistyped `--data-dir` must fail, not create an empty database).
+    /// Open the SQLite database only if it exists (the `keys` commands that read or change keys:
+    /// a mistyped `--data-dir` must fail, not create an empty database).
     pub async fn open_existing(data_dir: &Path) -> Result<Self, AccountsError> {
         let path = data_dir.join(DB_FILE);
         if !path.is_file() {
             return Err(AccountsError::NoDatabase(path));
         }
-        Self::open_with(data_dir, |o| o.create_if_missing(false)).await
+        Self::open_with(data_dir, &[]).await
     }
 
-    /// [`Accounts::open`] with the connection options adjusted (tests: a page limit that makes
+    /// Connect to a Postgres database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=...]`)
+    /// and apply its migrations; several servers may do so at once (the migrations take an
+    /// advisory lock).
+    pub async fn connect(url: &str) -> Result<Self, AccountsError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(AccountsError::InvalidArgument(format!(
+                "--database-url must be a postgres:// URL (got '{}'); without it the SQLite \
+                 file in the data directory is used",
+                redact_url(url)
+            )));
+        }
+        sqlx::any::install_default_drivers();
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self::with_pool(pool, Engine::Postgres))
+    }
+
+    /// [`Accounts::open`] with more pragmas on every connection (tests: a page limit that makes
     /// the database "full").
     pub(crate) async fn open_with(
         data_dir: &Path,
-        adjust: impl FnOnce(SqliteConnectOptions) -> SqliteConnectOptions,
+        pragmas: &[(&'static str, &'static str)],
     ) -> Result<Self, AccountsError> {
         std::fs::create_dir_all(data_dir).map_err(|source| AccountsError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        create_private(&data_dir.join(DB_FILE)).map_err(|source| AccountsError::DataDir {
+        let path = data_dir.join(DB_FILE);
+        create_private(&path).map_err(|source| AccountsError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(data_dir.join(DB_FILE))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
+        sqlx::any::install_default_drivers();
+        // An absolute path: in a URL, the first part of a relative one would read as a host name.
+        let absolute = std::fs::canonicalize(&path).map_err(|source| AccountsError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let url = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&absolute)
+            .to_url_lossy();
+        let options = AnyConnectOptions::from_str(url.as_str())?;
+        let setup: Vec<String> = [
+            ("journal_mode", "WAL"),
+            ("synchronous", "FULL"),
+            ("foreign_keys", "ON"),
+            ("busy_timeout", "10000"),
+        ]
+        .iter()
+        .chain(pragmas)
+        .map(|(k, v)| format!("PRAGMA {k} = {v}"))
+        .collect();
+        let setup = Arc::new(setup);
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect_with(adjust(options))
+            .after_connect(move |conn, _meta| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    for pragma in setup.iter() {
+                        conn.execute(pragma.as_str()).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self {
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self::with_pool(pool, Engine::Sqlite))
+    }
+
+    fn with_pool(pool: AnyPool, engine: Engine) -> Self {
+        Self {
             pool,
+            engine,
             health: Arc::default(),
-        })
+            instance: None,
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// Close the pool (waits for connections to be returned).
@@ -124,15 +221,14 @@ impl Accounts {
         self.pool.close().await;
     }
 
-    /// A transaction that takes the write lock at once, so concurrent writers wait on the busy
-    /// timeout instead of failing on a stale read snapshot. (Postgres: a plain `BEGIN`; every
-    /// write below is a conditional single-row UPDATE, which is atomic there too.) End it with
-    /// [`Accounts::finish`].
+    /// A write transaction (see [`Engine::begin`]). End it with [`Accounts::finish`].
     async fn begin_write(&self) -> Result<WriteTx, AccountsError> {
-        WriteTx::begin(&self.pool).await.map_err(|e| {
-            self.health.note_error(&e);
-            AccountsError::Db(e)
-        })
+        WriteTx::begin(&self.pool, self.engine.begin())
+            .await
+            .map_err(|e| {
+                self.health.note_error(&e);
+                AccountsError::Db(e)
+            })
     }
 
     /// Commit `tx` if `outcome` is a success, else roll it back; a connection whose state is then
@@ -174,6 +270,18 @@ impl Accounts {
             Ok(()) => Ok(()),
             Err(e) => Err(self.health.failure().unwrap_or_else(|| e.to_string())),
         }
+    }
+}
+
+/// A database URL as it may be logged: without its password.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(not a URL)".to_string(),
     }
 }
 
@@ -222,6 +330,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn database_urls_are_logged_without_their_password() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db.internal:5432/ledger"),
+            "postgres://app:***@db.internal:5432/ledger"
+        );
+        assert_eq!(
+            redact_url("postgres://db.internal/ledger"),
+            "postgres://db.internal/ledger"
+        );
+        assert_eq!(redact_url("not a url s3cret"), "(not a URL)");
+    }
+
+    #[tokio::test]
+    async fn only_postgres_urls_are_taken() {
+        let e = Accounts::connect("mysql://u:s3cret@h/db")
+            .await
+            .unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("postgres://"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+
     #[tokio::test]
     async fn open_existing_creates_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -244,10 +375,42 @@ pub(crate) mod test_util {
         (dir, accounts)
     }
 
+    /// What keeps a test database alive: a temporary directory, or a Postgres database.
+    #[allow(dead_code)] // held, never read
+    pub enum Guard {
+        Dir(tempfile::TempDir),
+        Postgres(crate::test_services::postgres::Database),
+    }
+
+    /// A fresh database on each engine this machine has: SQLite always, Postgres when its
+    /// binaries are installed (else the test says so loudly, and fails under CI=true).
+    pub async fn each_engine() -> Vec<(Guard, Accounts)> {
+        let (dir, sqlite) = open_temp().await;
+        let mut engines = vec![(Guard::Dir(dir), sqlite)];
+        if let Some(db) = crate::test_services::postgres::database("accounts unit tests") {
+            let acc = Accounts::connect(&db.url).await.unwrap();
+            engines.push((Guard::Postgres(db), acc));
+        }
+        engines
+    }
+
+    /// A key with `credits` and `quota`, authenticated.
+    pub async fn key(acc: &Accounts, credits: i64, quota: Option<i64>) -> Account {
+        let k = acc
+            .create_key(NewKey {
+                name: String::new(),
+                credits,
+                daily_quota: quota,
+            })
+            .await
+            .unwrap();
+        acc.authenticate(&k.secret).await.unwrap()
+    }
+
     /// A database limited to 48 pages on every connection (`PRAGMA max_page_count`): a disk
     /// that fills up, without needing a small file system.
     pub async fn open_small(dir: &Path) -> Accounts {
-        Accounts::open_with(dir, |o| o.pragma("max_page_count", "48"))
+        Accounts::open_with(dir, &[("max_page_count", "48")])
             .await
             .unwrap()
     }
@@ -258,7 +421,7 @@ pub(crate) mod test_util {
             .execute(&acc.pool)
             .await
             .unwrap();
-        while sqlx::query("INSERT INTO filler (x) VALUES (?)")
+        while sqlx::query("INSERT INTO filler (x) VALUES ($1)")
             .bind("f".repeat(2000))
             .execute(&acc.pool)
             .await

@@ -5,24 +5,26 @@
 //! does on `SQLITE_FULL` and some I/O errors), that queued `ROLLBACK` fails, sqlx keeps counting
 //! the transaction as open, and the connection goes back to the pool unable to begin another one:
 //! every later write on it fails until a restart. Here the transaction is plain SQL (`BEGIN
-//! IMMEDIATE` / `COMMIT` / `ROLLBACK`, so sqlx never counts it), every end is awaited, and a
-//! connection whose state is not known for certain is closed instead of reused.
+//! IMMEDIATE` on SQLite, `BEGIN` on Postgres / `COMMIT` / `ROLLBACK`, so sqlx never counts it),
+//! every end is awaited, and a connection whose state is not known for certain is closed instead
+//! of reused. (On Postgres a failed statement leaves the transaction aborted until `ROLLBACK`,
+//! which this sends; a connection lost mid-transaction is closed.)
 
 use std::ops::{Deref, DerefMut};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Any, AnyConnection, AnyPool};
 
 /// An open write transaction. End it with [`WriteTx::commit`] or [`WriteTx::rollback`]; dropped
 /// unfinished (a cancelled request), its connection is closed, which rolls it back.
 pub(super) struct WriteTx {
-    conn: Option<PoolConnection<Sqlite>>,
+    conn: Option<PoolConnection<Any>>,
 }
 
 impl WriteTx {
-    pub async fn begin(pool: &SqlitePool) -> Result<Self, sqlx::Error> {
+    pub async fn begin(pool: &AnyPool, begin: &'static str) -> Result<Self, sqlx::Error> {
         let mut conn = pool.acquire().await?;
-        match sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        match sqlx::query(begin).execute(&mut *conn).await {
             Ok(_) => Ok(Self { conn: Some(conn) }),
             Err(e) => {
                 // A BEGIN that failed started nothing, but what failed it (I/O) may have left the
@@ -58,14 +60,14 @@ impl WriteTx {
 /// `ROLLBACK`, and the connection goes back to the pool only if that worked: if it failed, either
 /// SQLite had already rolled back (fine) or the connection is broken (not fine), and which one
 /// is not worth guessing.
-async fn roll_back(mut conn: PoolConnection<Sqlite>) {
+async fn roll_back(mut conn: PoolConnection<Any>) {
     if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
         tracing::warn!("accounts database: ROLLBACK failed ({e}); closing that connection");
         close(conn).await;
     }
 }
 
-async fn close(conn: PoolConnection<Sqlite>) {
+async fn close(conn: PoolConnection<Any>) {
     if let Err(e) = conn.close().await {
         tracing::warn!("accounts database: closing a connection failed: {e}");
     }
@@ -81,8 +83,8 @@ impl Drop for WriteTx {
 }
 
 impl Deref for WriteTx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
         match &self.conn {
             Some(conn) => conn,
             // `conn` is taken only by the methods that consume `self`.
@@ -92,7 +94,7 @@ impl Deref for WriteTx {
 }
 
 impl DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
         match &mut self.conn {
             Some(conn) => conn,
             None => unreachable!("WriteTx used after it ended"),

@@ -50,8 +50,11 @@ pub async fn request_context(
         res.headers_mut().remove(header::CONTENT_LENGTH);
         p.code
     });
-    if let Ok(v) = HeaderValue::from_str(id.as_str()) {
-        res.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    // A replayed response (Idempotency-Key) keeps the first request's ID.
+    if !res.headers().contains_key(&X_REQUEST_ID) {
+        if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+            res.headers_mut().insert(X_REQUEST_ID.clone(), v);
+        }
     }
     state.http_metrics.record(
         method.as_str(),

@@ -107,7 +107,10 @@ impl GenerateResponse {
                 .images
                 .iter()
                 .map(|i| ImageDto {
-                    url: format!("{base}/files/gen/{id}/{}", i.file_name),
+                    url: i
+                        .url
+                        .clone()
+                        .unwrap_or_else(|| format!("{base}/files/gen/{id}/{}", i.file_name)),
                     seed: i.seed,
                     width: g.width,
                     height: g.height,

@@ -131,6 +131,12 @@ impl ApiError {
             ApiError::Infer(I::Internal(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None)
             }
+            ApiError::Infer(I::InvalidIdempotencyKey) => {
+                (StatusCode::BAD_REQUEST, "invalid_idempotency_key", None)
+            }
+            ApiError::Infer(I::IdempotencyKeyReused) => {
+                (StatusCode::CONFLICT, "idempotency_key_reused", None)
+            }
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)

@@ -14,16 +14,17 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// the buffered ones, so a connection holds a few of these at most, whatever the file's size.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
-/// `remaining` bytes of `file`, from where it is positioned, in chunks of [`CHUNK_BYTES`].
+/// `remaining` bytes of `file` (a file on disk, or an object streamed from a bucket), from where
+/// it is positioned, in chunks of [`CHUNK_BYTES`].
 pub struct FileBody {
-    file: tokio::fs::File,
+    file: Box<dyn AsyncRead + Send + Unpin>,
     remaining: u64,
     /// The chunk being read (kept across a pending read).
     buf: Vec<u8>,
 }
 
 impl FileBody {
-    pub fn new(file: tokio::fs::File, remaining: u64) -> Self {
+    pub fn new(file: Box<dyn AsyncRead + Send + Unpin>, remaining: u64) -> Self {
         Self {
             file,
             remaining,

@@ -1,14 +1,11 @@
-//! GET /files/gen/{request_id}/{file}: stored images, streamed from disk with `Range`, `ETag` and
-//! `If-None-Match`. Anything else under /files is 404.
-
-use std::io::SeekFrom;
+//! GET /files/gen/{request_id}/{file}: stored images, streamed from disk or the bucket with
+//! `Range`, `ETag` and `If-None-Match`. Anything else under /files is 404.
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use tokio::io::AsyncSeekExt;
 
 use super::error::ApiError;
 use super::file_body::{etag, none_match, parse_range, FileBody, RangeRequest};
@@ -23,7 +20,7 @@ pub async fn image(
         return Err(ApiError::NotFound);
     };
     // The store accepts only the exact shapes it writes (req_ID / image_N.ext).
-    let mut stored = state
+    let stored = state
         .facade
         .file(&request_id, &file)
         .await
@@ -77,16 +74,13 @@ pub async fn image(
         }
         RangeRequest::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable(stored.len)),
     };
-    if start > 0 {
-        stored
-            .file
-            .seek(SeekFrom::Start(start))
-            .await
-            .map_err(|_| ApiError::NotFound)?;
-    }
+    let reader = stored
+        .read_from(start)
+        .await
+        .map_err(|_| ApiError::NotFound)?;
     res.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    *res.body_mut() = Body::new(FileBody::new(stored.file, count));
+    *res.body_mut() = Body::new(FileBody::new(reader, count));
     Ok(res)
 }
 

@@ -12,6 +12,7 @@ mod framing;
 mod generate;
 mod guard;
 mod hangup;
+mod idempotency;
 mod metrics;
 mod models;
 mod openai;
@@ -143,6 +144,15 @@ pub fn router(state: AppState) -> Router {
     routes()
         .into_iter()
         .fold(Router::new(), |r, (_, path, handler)| {
+            // Idempotency-Key: on the hosted route (http/idempotency.rs).
+            let handler = if path == "/v1/generate" {
+                handler.route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    idempotency::layer,
+                ))
+            } else {
+                handler
+            };
             r.route(path, handler)
         })
         .fallback(files::not_found)

@@ -41,6 +41,15 @@ pub enum InferError {
     /// The pipeline (or writing its result) failed; details are in the log, not in this message.
     #[error("image generation failed; nothing was charged (details are in the server log under this request_id)")]
     GenerationFailed,
+    /// The `Idempotency-Key` header is empty, too long, or not printable ASCII.
+    #[error(
+        "the Idempotency-Key header must be 1 to {max} printable ASCII characters",
+        max = super::idempotency::MAX_IDEMPOTENCY_KEY_CHARS
+    )]
+    InvalidIdempotencyKey,
+    /// The `Idempotency-Key` was used with another request body in the last 24 hours.
+    #[error("this Idempotency-Key was used with a different request body in the last 24 hours; send a new key for a new request")]
+    IdempotencyKeyReused,
     /// Anything else (database, bugs); details are logged, the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),

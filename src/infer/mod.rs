@@ -2,6 +2,7 @@
 //! store -> settle, refunding on any failure. Knows nothing of HTTP.
 
 mod error;
+mod idempotency;
 mod metrics;
 mod refund;
 mod validate;
@@ -15,10 +16,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::accounts::{Account, Accounts};
 use crate::catalog::Catalog;
 use crate::scheduler::{Job, JobError, ProgressTx, SubmitError, Ticket};
-use crate::store::{FileStore, Provenance, StoredFile};
+use crate::store::{ImageStore, Provenance, StoredFile};
 
 pub use crate::store::RequestId;
 pub use error::{InferError, ValidationError};
+pub use idempotency::Idempotent;
 pub use metrics::Metrics;
 pub use validate::{guidance_doubles_work, validate, RawRequest, ValidRequest};
 
@@ -70,6 +72,8 @@ pub enum Caller {
 pub struct GeneratedImage {
     /// File name inside the request's folder (`image_<i>.<ext>`).
     pub file_name: String,
+    /// The image's URL when it is not this server's /files/ one (a presigned bucket URL).
+    pub url: Option<String>,
     pub seed: u64,
 }
 
@@ -86,7 +90,7 @@ pub struct Generated {
 pub struct Facade {
     catalog: Catalog,
     auth: AuthPolicy,
-    store: FileStore,
+    store: ImageStore,
     generator: Arc<dyn Generator>,
     metrics: Arc<Metrics>,
     outstanding: Outstanding,
@@ -94,30 +98,40 @@ pub struct Facade {
     admission: Arc<Semaphore>,
     /// Write generation parameters into image files.
     metadata: bool,
+    /// The accounts database in every auth mode, for `Idempotency-Key` (none: the header is
+    /// refused as an internal error, which only a test setup can cause).
+    ledger: Option<Accounts>,
 }
 
 impl Facade {
     pub fn new(
         catalog: Catalog,
         auth: AuthPolicy,
-        store: FileStore,
+        store: impl Into<ImageStore>,
         generator: Arc<dyn Generator>,
     ) -> Self {
         Self {
             catalog,
             auth,
-            store,
+            store: store.into(),
             generator,
             metrics: Arc::default(),
             outstanding: Outstanding::default(),
             admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             metadata: true,
+            ledger: None,
         }
     }
 
     /// Store images without generation parameters in them (`--no-metadata`).
     pub fn without_metadata(mut self) -> Self {
         self.metadata = false;
+        self
+    }
+
+    /// Remember `Idempotency-Key`s in this database (in every auth mode).
+    pub fn with_idempotency(mut self, accounts: Accounts) -> Self {
+        self.ledger = Some(accounts);
         self
     }
 
@@ -274,7 +288,11 @@ impl Facade {
 
     /// A stored image's bytes, whole (to answer it inline as base64).
     pub async fn file_bytes(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
-        self.store.read_all(request_id, file_name).await
+        self.store
+            .open_file(request_id, file_name)
+            .await?
+            .read_all()
+            .await
     }
 
     /// The generator's metrics, then the facade's.
@@ -287,7 +305,7 @@ impl Facade {
 /// A request accepted into the queue. [`Running::finish`] waits for it; dropping it (a client
 /// that went away) cancels the job and refunds the reservation.
 pub struct Running {
-    store: FileStore,
+    store: ImageStore,
     metrics: Arc<Metrics>,
     metadata: bool,
     id: RequestId,
@@ -341,7 +359,7 @@ impl Running {
     }
 
     async fn wait_and_store(
-        store: FileStore,
+        store: ImageStore,
         metadata: bool,
         id: &RequestId,
         valid: &ValidRequest,
@@ -367,25 +385,22 @@ impl Running {
             tracing::error!(request_id = %id, "the pipeline returned {} images, not {} of {}x{}", images.len(), job.seeds.len(), job.width, job.height);
             return Err(InferError::GenerationFailed);
         }
-        let owned_id = id.clone();
-        let encoding = valid.encoding;
         let provenance = metadata.then(|| provenance(valid));
-        let names = tokio::task::spawn_blocking(move || {
-            store.save(&owned_id, &images, encoding, provenance.as_deref())
-        })
-        .await
-        .map_err(|e| InferError::Internal(format!("store task: {e}")))?
-        .map_err(|e| {
-            tracing::error!(request_id = %id, "storing images failed: {e}");
-            InferError::GenerationFailed
-        })?;
+        let saved = store
+            .save(id, images, valid.encoding, provenance)
+            .await
+            .map_err(|e| {
+                tracing::error!(request_id = %id, "storing images failed: {e}");
+                InferError::GenerationFailed
+            })?;
         Ok(Generated {
             request_id: id.clone(),
-            images: names
+            images: saved
                 .into_iter()
                 .zip(&job.seeds)
-                .map(|(file_name, seed)| GeneratedImage {
-                    file_name,
+                .map(|(s, seed)| GeneratedImage {
+                    file_name: s.file_name,
+                    url: s.url,
                     seed: *seed,
                 })
                 .collect(),

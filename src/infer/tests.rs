@@ -4,6 +4,7 @@
 use super::fake::{Fake, Mode};
 use super::*;
 use crate::accounts::NewKey;
+use crate::store::FileStore;
 
 struct Setup {
     _dir: tempfile::TempDir,

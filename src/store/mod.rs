@@ -1,4 +1,6 @@
-//! The file store: generated images under `<data-dir>/files/gen/<request_id>/image_<i>.<ext>`.
+//! The image store: generated images under `<data-dir>/files/gen/<request_id>/image_<i>.<ext>`
+//! ([`FileStore`], the default), or the same names in an S3-compatible bucket ([`s3::S3Images`]);
+//! [`ImageStore`] is either.
 //!
 //! The only module that writes image files. Files are written to a temporary name in the request's
 //! folder and renamed into place, so a reader never sees half a file. Reading goes only through
@@ -8,6 +10,7 @@
 mod encode;
 mod id;
 pub mod metadata;
+mod s3;
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -25,17 +28,181 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("image encoding: {0}")]
     Encode(#[from] image::ImageError),
+    #[error("image store: {0}")]
+    Config(String),
+    #[error("S3 store: {0}")]
+    S3(String),
 }
 
 /// A stored image, opened for streaming: never read whole into memory.
 #[derive(Debug)]
 pub struct StoredFile {
-    pub file: tokio::fs::File,
     /// Bytes in the file.
     pub len: u64,
     /// Last modification (the image's creation: files are never rewritten).
     pub modified: Option<std::time::SystemTime>,
     pub content_type: &'static str,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    File(tokio::fs::File),
+    S3 {
+        store: s3::S3Images,
+        id: String,
+        name: String,
+    },
+}
+
+impl StoredFile {
+    /// The image's bytes from `start` on, read as the caller reads (a ranged GET on S3).
+    pub async fn read_from(
+        self,
+        start: u64,
+    ) -> std::io::Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>> {
+        match self.source {
+            Source::File(mut file) => {
+                if start > 0 {
+                    use tokio::io::AsyncSeekExt;
+                    file.seek(std::io::SeekFrom::Start(start)).await?;
+                }
+                Ok(Box::new(file))
+            }
+            Source::S3 { store, id, name } => store.read_from(&id, &name, start).await,
+        }
+    }
+}
+
+/// Where images go: the data directory, or a bucket shared by several servers.
+#[derive(Debug, Clone)]
+pub enum ImageStore {
+    Local(FileStore),
+    S3 {
+        bucket: s3::S3Images,
+        /// Image URLs are presigned bucket URLs valid this long (else /files/ URLs).
+        presign: Option<std::time::Duration>,
+    },
+}
+
+impl From<FileStore> for ImageStore {
+    fn from(store: FileStore) -> Self {
+        ImageStore::Local(store)
+    }
+}
+
+/// A stored image: its file name, and its URL when that is not the server's own /files/ one.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub file_name: String,
+    pub url: Option<String>,
+}
+
+impl ImageStore {
+    /// `s3://BUCKET[/PREFIX]` (checked: the bucket must answer), with presigned URLs or not.
+    pub async fn s3(
+        location: &str,
+        presign: Option<std::time::Duration>,
+    ) -> Result<Self, StoreError> {
+        let bucket = s3::S3Images::from_env(location)?;
+        bucket.check().await?;
+        Ok(Self::S3 { bucket, presign })
+    }
+
+    /// Encode and store a request's images, in order, each with its provenance embedded when
+    /// `provenance` has one per image. On error nothing of this request is left behind.
+    pub async fn save(
+        &self,
+        id: &RequestId,
+        images: Vec<RgbImage>,
+        encoding: Encoding,
+        provenance: Option<Vec<Provenance>>,
+    ) -> Result<Vec<Saved>, StoreError> {
+        let format = encoding.format;
+        match self {
+            ImageStore::Local(store) => {
+                let (store, id) = (store.clone(), id.clone());
+                let names = tokio::task::spawn_blocking(move || {
+                    store.save(&id, &images, encoding, provenance.as_deref())
+                })
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+                Ok(names
+                    .into_iter()
+                    .map(|file_name| Saved {
+                        file_name,
+                        url: None,
+                    })
+                    .collect())
+            }
+            ImageStore::S3 { bucket, presign } => {
+                let files = tokio::task::spawn_blocking(move || {
+                    images
+                        .iter()
+                        .enumerate()
+                        .map(|(i, img)| {
+                            let mut bytes = Vec::new();
+                            let p = provenance.as_ref().and_then(|p| p.get(i));
+                            encode::encode_with(img, encoding, p, &mut bytes)?;
+                            Ok((FileStore::file_name(i, format), bytes))
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                })
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+                let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+                bucket.put(id, files, format.content_type()).await?;
+                let mut saved = Vec::with_capacity(names.len());
+                for file_name in names {
+                    let url = match presign {
+                        Some(ttl) => Some(bucket.presign(id.as_str(), &file_name, *ttl).await?),
+                        None => None,
+                    };
+                    saved.push(Saved { file_name, url });
+                }
+                Ok(saved)
+            }
+        }
+    }
+
+    /// Open a stored image, given the URL's request ID and file name. `None` for anything that
+    /// is not exactly a stored image.
+    pub async fn open_file(&self, request_id: &str, file_name: &str) -> Option<StoredFile> {
+        match self {
+            ImageStore::Local(store) => store.open_file(request_id, file_name).await,
+            ImageStore::S3 { bucket, .. } => {
+                let id = RequestId::parse(request_id)?;
+                let (_, format) = parse_file_name(file_name)?;
+                let (len, modified) = bucket.head(id.as_str(), file_name).await?;
+                Some(StoredFile {
+                    len,
+                    modified,
+                    content_type: format.content_type(),
+                    source: Source::S3 {
+                        store: bucket.clone(),
+                        id: id.as_str().to_string(),
+                        name: file_name.to_string(),
+                    },
+                })
+            }
+        }
+    }
+
+    /// Delete the requests whose images are older than `max_age` (retention); how many.
+    pub async fn remove_older_than(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<usize, StoreError> {
+        match self {
+            ImageStore::Local(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.remove_older_than(max_age))
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            }
+            ImageStore::S3 { bucket, .. } => bucket.remove_older_than(max_age).await,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -106,34 +273,27 @@ impl FileStore {
         let file = tokio::fs::File::open(&path).await.ok()?;
         let meta = file.metadata().await.ok()?;
         Some(StoredFile {
-            file,
             len: meta.len(),
             modified: meta.modified().ok(),
             content_type: format.content_type(),
+            source: Source::File(file),
         })
     }
 }
 
-impl FileStore {
-    /// A stored image's bytes, read whole (for answers that carry the image inline), through
-    /// the same checks as [`Self::open_file`].
-    pub async fn read_all(&self, request_id: &str, file_name: &str) -> Option<Vec<u8>> {
-        let file = self
-            .open_file(request_id, file_name)
-            .await?
-            .file
-            .into_std()
-            .await;
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut bytes = Vec::new();
-            (&file).read_to_end(&mut bytes).ok().map(|_| bytes)
-        })
-        .await
-        .ok()
-        .flatten()
+impl StoredFile {
+    /// The image's bytes, read whole (for answers that carry the image inline).
+    pub async fn read_all(self) -> Option<Vec<u8>> {
+        let mut reader = self.read_from(0).await.ok()?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes)
+            .await
+            .ok()?;
+        Some(bytes)
     }
+}
 
+impl FileStore {
     /// Delete the requests whose folder is older than `max_age` (retention). Blocking: call
     /// from a blocking thread. Returns how many requests' images were deleted. A folder is
     /// removed whole, so a URL either still answers or answers 404.
@@ -255,13 +415,15 @@ mod tests {
                 .unwrap();
             assert_eq!(names.len(), 2);
             for (i, name) in names.iter().enumerate() {
-                let mut f = store.open_file(id.as_str(), name).await.unwrap();
+                let f = store.open_file(id.as_str(), name).await.unwrap();
                 assert_eq!(f.content_type, format.content_type());
+                let len = f.len;
                 let mut bytes = Vec::new();
-                tokio::io::AsyncReadExt::read_to_end(&mut f.file, &mut bytes)
+                let mut reader = f.read_from(0).await.unwrap();
+                tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes)
                     .await
                     .unwrap();
-                assert_eq!(bytes.len() as u64, f.len);
+                assert_eq!(bytes.len() as u64, len);
                 let decoded = image::load_from_memory(&bytes).unwrap();
                 let (w, h) = if i == 0 { (32, 16) } else { (16, 32) };
                 assert_eq!((decoded.width(), decoded.height()), (w, h));
@@ -372,7 +534,8 @@ mod tests {
     }
 
     async fn read_back(store: &FileStore, id: &RequestId, name: &str) -> Vec<u8> {
-        store.read_all(id.as_str(), name).await.unwrap()
+        let file = store.open_file(id.as_str(), name).await.unwrap();
+        file.read_all().await.unwrap()
     }
 
     #[tokio::test]

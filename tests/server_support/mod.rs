@@ -180,6 +180,11 @@ impl Server {
     /// Start `diffusiond serve --listen 127.0.0.1:0` (unless `args` has a --listen) with the tiny
     /// model, and wait until it prints its address.
     pub fn start(data_dir: &Path, args: &[String]) -> Server {
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// [`Server::start`] with more environment variables (e.g. `AWS_*` for a bucket).
+    pub fn start_with_env(data_dir: &Path, args: &[String], env: &[(&str, String)]) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = data_dir.join(format!(
@@ -196,6 +201,7 @@ impl Server {
             .arg("--weights")
             .arg(format!("flux2-klein={}", tiny_flux2_model().display()))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
