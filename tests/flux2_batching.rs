@@ -25,6 +25,8 @@ fn opts(max_len: Option<usize>) -> LoadOptions {
         dtype: DType::F32,
         offload_text_encoder: false,
         max_sequence_length: max_len,
+        components: Default::default(),
+        quantize: Default::default(),
     }
 }
 
