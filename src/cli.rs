@@ -437,7 +437,10 @@ mod quant_arg_tests {
         let q: QuantizeArg = "q4_k".parse().unwrap();
         assert_eq!(q.components, ["transformer", "text_encoder"]);
         let q: QuantizeArg = "text_encoder=Q8_0".parse().unwrap();
-        assert_eq!((q.components.as_slice(), q.ty.name()), (&["text_encoder".to_string()][..], "q8_0"));
+        assert_eq!(
+            (q.components.as_slice(), q.ty.name()),
+            (&["text_encoder".to_string()][..], "q8_0")
+        );
         assert!("q3_k".parse::<QuantizeArg>().unwrap_err().contains("q8_0"));
         assert!("vae=q8_0".parse::<QuantizeArg>().is_err());
     }

@@ -26,6 +26,7 @@ use diffusiond::pipeline::{
     ComponentSource, Family, LoadOptions, ModelFiles, PipelineError, WeightSource, ZImage,
 };
 use gguf_support as gs;
+use rand::SeedableRng;
 
 const PROMPT: &str = "a red fox sitting in the snow";
 
@@ -50,14 +51,36 @@ fn cases() -> Vec<TypeCase> {
         min_psnr_vs_dequant: pd,
         min_psnr_vs_full: pf,
     };
+    // Measured (AMD EPYC Zen 4): eval rel <= 8e-3, latents rel <= 2e-3, PSNR vs the
+    // dequantized weights >= 57.6 dB for every type; vs full precision below.
     vec![
-        c("Q8_0", GgmlDType::Q8_0, 0.05, 0.05, 30.0, 25.0),
-        c("Q6_K", GgmlDType::Q6K, 0.05, 0.05, 30.0, 20.0),
-        c("Q5_K", GgmlDType::Q5K, 0.05, 0.05, 30.0, 20.0),
-        c("Q4_K", GgmlDType::Q4K, 0.05, 0.05, 30.0, 20.0),
-        c("Q4_0", GgmlDType::Q4_0, 0.05, 0.05, 30.0, 15.0),
-        c("F16", GgmlDType::F16, 1e-5, 1e-5, 60.0, 40.0),
-        c("BF16", GgmlDType::BF16, 1e-5, 1e-5, 60.0, 25.0),
+        c("Q8_0", GgmlDType::Q8_0, 2e-2, 5e-3, 50.0, 50.0), // 54.9 dB
+        c("Q6_K", GgmlDType::Q6K, 2e-2, 5e-3, 50.0, 50.0),  // 54.4 (w2 only)
+        c("Q5_K", GgmlDType::Q5K, 2e-2, 5e-3, 50.0, 50.0),  // 54.4 (w2 only, as Q6_K)
+        c("Q4_K", GgmlDType::Q4K, 2e-2, 5e-3, 50.0, 50.0),  // 54.4 (w2 only, as Q6_K)
+        c("Q4_0", GgmlDType::Q4_0, 2e-2, 5e-3, 50.0, 35.0), // 38.7
+        c("F16", GgmlDType::F16, 1e-6, 1e-6, 99.0, 50.0),   // 56.7 (exact vs dequantized)
+        c("BF16", GgmlDType::BF16, 1e-6, 1e-6, 99.0, 50.0), // 56.7
+    ]
+}
+
+/// The block-quantized types on the block-aligned model, where each reaches every main layer.
+fn aligned_cases() -> Vec<TypeCase> {
+    let c = |label, ty, pf| TypeCase {
+        label,
+        ty,
+        max_rel_eval: 2e-2,
+        max_rel_latent: 5e-3,
+        min_psnr_vs_dequant: 50.0,
+        min_psnr_vs_full: pf,
+    };
+    // Measured vs full precision (deterministic weights): 56.1, 52.0, 49.4, 44.1, 41.9 dB.
+    vec![
+        c("Q8_0", GgmlDType::Q8_0, 53.0),
+        c("Q6_K", GgmlDType::Q6K, 49.0),
+        c("Q5_K", GgmlDType::Q5K, 46.0),
+        c("Q4_K", GgmlDType::Q4K, 41.0),
+        c("Q4_0", GgmlDType::Q4_0, 39.0),
     ]
 }
 
@@ -89,7 +112,12 @@ fn load(dir: &Path, components: &[(&str, &Path)]) -> Result<ZImage, PipelineErro
 
 /// The tiny transformer as a GGUF of `base` (published mix) and as the dequantized checkout.
 fn z_image_files(dir: &Path, base: GgmlDType) -> (PathBuf, PathBuf) {
-    let ts = gs::read_component(&tiny().join("transformer"));
+    z_image_files_of(&tiny(), dir, base)
+}
+
+/// A checkout's transformer as a GGUF of `base` (published mix) and as the dequantized checkout.
+fn z_image_files_of(model: &Path, dir: &Path, base: GgmlDType) -> (PathBuf, PathBuf) {
+    let ts = gs::read_component(&model.join("transformer"));
     let ty = |n: &str, s: &[usize]| gs::z_image_type(n, s, base);
     let gguf = dir.join("transformer.gguf");
     gs::write(&gguf, &[], &gs::z_image_entries(&ts, &ty));
@@ -98,7 +126,7 @@ fn z_image_files(dir: &Path, base: GgmlDType) -> (PathBuf, PathBuf) {
         .map(|(n, t)| (n.clone(), gs::round_trip(t, ty(n, t.dims()))))
         .collect();
     let ckpt = gs::checkout_with(
-        &tiny(),
+        model,
         &dir.join("dequantized"),
         "transformer",
         "diffusion_pytorch_model",
@@ -141,19 +169,19 @@ fn image(m: &ZImage, seeds: Vec<u64>) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Every type: stage-by-stage agreement with the dequantized weights and the image's PSNR
-/// against full precision. Prints the measured table (the README's figures).
-#[test]
-fn z_image_gguf_agrees_with_dequantized_weights_per_stage() {
-    let full = common::load(tiny());
+/// Per type: stage-by-stage agreement of the GGUF model with the dequantized weights, and the
+/// image's PSNR against full precision; prints the measured table. Returns the labels outside
+/// their tolerances.
+fn per_stage(model: &Path, cases: &[TypeCase]) -> Vec<&'static str> {
+    let full = common::load(model.to_path_buf());
     let full_img = image(&full, vec![7]);
     let caption = full.encode_prompt(PROMPT).unwrap();
     let latent = full.initial_latent(7, 64, 64).unwrap();
     let mut failures = Vec::new();
-    for case in cases() {
+    for case in cases {
         let tmp = tempfile::tempdir().unwrap();
-        let (gguf, deq_dir) = z_image_files(tmp.path(), case.ty);
-        let q = load(&tiny(), &[("transformer", &gguf)]).unwrap();
+        let (gguf, deq_dir) = z_image_files_of(model, tmp.path(), case.ty);
+        let q = load(model, &[("transformer", &gguf)]).unwrap();
         let d = common::load(deq_dir);
         // Stage 1: the refined caption (context refiner: BF16 in the file, dense in both).
         let (cq, cd) = (
@@ -164,21 +192,16 @@ fn z_image_gguf_agrees_with_dequantized_weights_per_stage() {
         // Stage 2: one transformer evaluation at two times.
         let mut e_eval = 0f32;
         for t in [0.0, 0.6] {
-            let oq = q
-                .transformer_forward(&[ItemInput {
+            let eval = |m: &ZImage, c: &Tensor| {
+                m.transformer_forward(&[ItemInput {
                     latent: &latent,
-                    caption: &cq,
+                    caption: c,
                     t,
                 }])
-                .unwrap();
-            let od = d
-                .transformer_forward(&[ItemInput {
-                    latent: &latent,
-                    caption: &cd,
-                    t,
-                }])
-                .unwrap();
-            e_eval = e_eval.max(rel(&oq[0], &od[0]));
+                .unwrap()
+                .remove(0)
+            };
+            e_eval = e_eval.max(rel(&eval(&q, &cq), &eval(&d, &cd)));
         }
         // Stage 3: the latents after all 8 steps; stage 4: the image.
         let e_lat = rel(&final_latent(&q), &final_latent(&d));
@@ -202,6 +225,132 @@ fn z_image_gguf_agrees_with_dequantized_weights_per_stage() {
             failures.push(case.label);
         }
     }
+    failures
+}
+
+/// The tiny reference model (dim 96): Q8_0/Q4_0 reach every main layer; the K-quants only
+/// `w2` (the other rows are 96 wide, not whole 256-blocks: F16 as llama.cpp falls back).
+#[test]
+fn z_image_gguf_agrees_with_dequantized_weights_per_stage() {
+    let failures = per_stage(&tiny(), &cases());
+    assert!(failures.is_empty(), "outside the tolerances: {failures:?}");
+}
+
+/// A standard normal value (Box-Muller), deterministic from the seed.
+fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f32 {
+    use rand::Rng;
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// A random Z-Image transformer whose every row is whole blocks of every type (dim 768, 12
+/// heads, FFN 2048, 1 main layer, 1 + 1 refiners; each tensor drawn with the mean and spread
+/// of the tiny model's tensor of the same name), beside the tiny text encoder and VAE: every
+/// type reaches every main layer.
+fn aligned_model(dir: &Path) -> PathBuf {
+    let tiny_ts = gs::read_component(&tiny().join("transformer"));
+    let (d, a, f, hd, patch, cap) = (768usize, 256usize, 2048usize, 64usize, 64usize, 64usize);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("t_embedder.mlp.0.weight".into(), vec![1024, 256]),
+        ("t_embedder.mlp.0.bias".into(), vec![1024]),
+        ("t_embedder.mlp.2.weight".into(), vec![a, 1024]),
+        ("t_embedder.mlp.2.bias".into(), vec![a]),
+        ("cap_embedder.0.weight".into(), vec![cap]),
+        ("cap_embedder.1.weight".into(), vec![d, cap]),
+        ("cap_embedder.1.bias".into(), vec![d]),
+        ("all_x_embedder.2-1.weight".into(), vec![d, patch]),
+        ("all_x_embedder.2-1.bias".into(), vec![d]),
+        ("all_final_layer.2-1.linear.weight".into(), vec![patch, d]),
+        ("all_final_layer.2-1.linear.bias".into(), vec![patch]),
+        (
+            "all_final_layer.2-1.adaLN_modulation.1.weight".into(),
+            vec![d, a],
+        ),
+        (
+            "all_final_layer.2-1.adaLN_modulation.1.bias".into(),
+            vec![d],
+        ),
+        ("x_pad_token".into(), vec![1, d]),
+        ("cap_pad_token".into(), vec![1, d]),
+    ];
+    for (block, modulated) in [
+        ("noise_refiner.0", true),
+        ("context_refiner.0", false),
+        ("layers.0", true),
+    ] {
+        for (n, sh) in [
+            ("attention.to_q.weight", vec![d, d]),
+            ("attention.to_k.weight", vec![d, d]),
+            ("attention.to_v.weight", vec![d, d]),
+            ("attention.to_out.0.weight", vec![d, d]),
+            ("attention.norm_q.weight", vec![hd]),
+            ("attention.norm_k.weight", vec![hd]),
+            ("feed_forward.w1.weight", vec![f, d]),
+            ("feed_forward.w2.weight", vec![d, f]),
+            ("feed_forward.w3.weight", vec![f, d]),
+            ("attention_norm1.weight", vec![d]),
+            ("attention_norm2.weight", vec![d]),
+            ("ffn_norm1.weight", vec![d]),
+            ("ffn_norm2.weight", vec![d]),
+        ] {
+            shapes.push((format!("{block}.{n}"), sh));
+        }
+        if modulated {
+            shapes.push((format!("{block}.adaLN_modulation.0.weight"), vec![4 * d, a]));
+            shapes.push((format!("{block}.adaLN_modulation.0.bias"), vec![4 * d]));
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let ts: HashMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(n, sh)| {
+            let like = &tiny_ts[&n];
+            let mean = like.mean_all().unwrap().to_scalar::<f32>().unwrap();
+            let std = (like.broadcast_sub(&like.mean_all().unwrap()).unwrap())
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            // The spread of a wider layer's weights shrinks with its fan-in, as at init.
+            let fan = |s: &[usize]| if s.len() == 2 { s[1] as f32 } else { 1.0 };
+            let std = std * (fan(like.dims()) / fan(&sh)).sqrt();
+            let n_el: usize = sh.iter().product();
+            let v: Vec<f32> = (0..n_el).map(|_| mean + std * normal(&mut rng)).collect();
+            (n, Tensor::from_vec(v, sh.as_slice(), &Device::Cpu).unwrap())
+        })
+        .collect();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny().join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["dim"] = serde_json::json!(d);
+    cfg["n_heads"] = serde_json::json!(12);
+    cfg["n_kv_heads"] = serde_json::json!(12);
+    cfg["axes_dims"] = serde_json::json!([16, 24, 24]);
+    cfg["n_layers"] = serde_json::json!(1);
+    let out = gs::checkout_with(
+        &tiny(),
+        &dir.join("aligned"),
+        "transformer",
+        "diffusion_pytorch_model",
+        &ts,
+        None,
+    );
+    std::fs::write(out.join("transformer/config.json"), cfg.to_string()).unwrap();
+    out
+}
+
+/// Every type on the aligned model.
+#[test]
+fn z_image_gguf_per_stage_on_a_block_aligned_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = aligned_model(tmp.path());
+    let aligned: Vec<TypeCase> = aligned_cases();
+    let failures = per_stage(&model, &aligned);
     assert!(failures.is_empty(), "outside the tolerances: {failures:?}");
 }
 
@@ -214,8 +363,14 @@ fn batching_is_bit_exact_with_quantized_weights() {
         let q = load(&tiny(), &[("transformer", &gguf)]).unwrap();
         let together = image(&q, vec![3, 4]);
         let alone = [image(&q, vec![3]), image(&q, vec![4])];
-        assert!(together[0] == alone[0][0], "{ty:?}: image 0 differs in a batch");
-        assert!(together[1] == alone[1][0], "{ty:?}: image 1 differs in a batch");
+        assert!(
+            together[0] == alone[0][0],
+            "{ty:?}: image 0 differs in a batch"
+        );
+        assert!(
+            together[1] == alone[1][0],
+            "{ty:?}: image 1 differs in a batch"
+        );
     }
 }
 
@@ -369,64 +524,72 @@ fn quantize_at_load_matches_the_dequantized_weights() {
 #[test]
 fn qwen3_gguf_agrees_and_reads_its_rope_base() {
     let ts = gs::read_component(&tiny().join("text_encoder"));
-    let base = GgmlDType::Q8_0;
-    let ty = |n: &str, s: &[usize]| {
+    let tmp = tempfile::tempdir().unwrap();
+    let q8 = |n: &str, s: &[usize]| {
         if s.len() == 2 && n.contains(".layers.") && s[1] % 32 == 0 {
-            base
+            GgmlDType::Q8_0
         } else {
             GgmlDType::F32
         }
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let deq: HashMap<String, Tensor> = ts
-        .iter()
-        .map(|(n, t)| (n.clone(), gs::round_trip(t, ty(n, t.dims()))))
-        .collect();
-    for freq in [1e6f64, 5e6] {
-        let gguf = tmp.path().join(format!("te-{freq}.gguf"));
+    let f32 = |_: &str, _: &[usize]| GgmlDType::F32;
+    let write = |name: &str, freq: f64, ty: &dyn Fn(&str, &[usize]) -> GgmlDType| {
+        let p = tmp.path().join(name);
         gs::write(
-            &gguf,
+            &p,
             &[
                 ("general.architecture", MetaValue::Str("qwen3".into())),
                 ("qwen3.rope.freq_base", MetaValue::Float(freq)),
             ],
-            &gs::qwen3_entries(&ts, &ty),
+            &gs::qwen3_entries(&ts, ty),
         );
-        let q = load(&tiny(), &[("text_encoder", &gguf)]).unwrap();
-        let d = common::load(gs::checkout_with(
+        p
+    };
+    let deq = |ty: &dyn Fn(&str, &[usize]) -> GgmlDType, freq: f64, name: &str| {
+        let t: HashMap<String, Tensor> = ts
+            .iter()
+            .map(|(n, t)| (n.clone(), gs::round_trip(t, ty(n, t.dims()))))
+            .collect();
+        common::load(gs::checkout_with(
             &tiny(),
-            &tmp.path().join(format!("deq-{freq}")),
+            &tmp.path().join(name),
             "text_encoder",
             "model",
-            &deq,
+            &t,
             Some(("rope_theta", serde_json::json!(freq))),
-        ));
-        let ids = d.tokenize(PROMPT).unwrap();
-        let hq = q.text_hidden_states(&ids).unwrap();
-        let hd = d.text_hidden_states(&ids).unwrap();
-        let e = hq
-            .iter()
-            .zip(&hd)
-            .map(|(a, b)| rel(a, b))
-            .fold(0f32, f32::max);
-        eprintln!("qwen3 Q8_0 rope {freq}: hidden states rel {e:.2e}");
-        assert!(e < 0.05, "rope {freq}: {e}");
-        if freq != 1e6 {
-            let full = common::load(tiny());
-            let hf = full.text_hidden_states(&ids).unwrap();
-            let last = hq.len() - 1;
-            assert!(
-                rel(&hq[last], &hf[last]) > 10.0 * e,
-                "the file's rope base made no difference"
-            );
-        }
-    }
+        ))
+    };
+    let states = |m: &ZImage| {
+        let ids = m.tokenize(PROMPT).unwrap();
+        m.text_hidden_states(&ids).unwrap()
+    };
+    let worst =
+        |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).map(|(x, y)| rel(x, y)).fold(0f32, f32::max);
+    // Q8_0 layers: agreement with the dequantized weights.
+    let q = load(&tiny(), &[("text_encoder", &write("q8.gguf", 1e6, &q8))]).unwrap();
+    let e = worst(&states(&q), &states(&deq(&q8, 1e6, "deq-q8")));
+    eprintln!("qwen3 Q8_0: hidden states rel {e:.2e}");
+    assert!(e < 0.05, "{e}");
+    // The RoPE base of the file (5e6) wins over the checkout's config (1e6): exact weights, so
+    // only the base can differ.
+    let f = states(&load(&tiny(), &[("text_encoder", &write("f.gguf", 5e6, &f32))]).unwrap());
+    let same = worst(&f, &states(&deq(&f32, 5e6, "deq-5e6")));
+    let other = worst(&f, &states(&common::load(tiny())));
+    eprintln!(
+        "qwen3 F32, rope 5e6 from the file: rel {same:.2e} vs a 5e6 config, {other:.2e} vs 1e6"
+    );
+    assert!(
+        same < 1e-5 && other > 100.0 * same.max(1e-7),
+        "{same} {other}"
+    );
 }
 
 fn flux2_tiny() -> PathBuf {
     std::env::var("DIFFUSIOND_REFERENCE_FLUX2")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2"))
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference-flux2")
+        })
         .join("tiny")
 }
 

@@ -260,7 +260,10 @@ mod tests {
         let e = Catalog::parse("t", &with("quantize = \"q3_xs\"")).unwrap_err();
         assert!(e.message.contains("q3_xs") && e.line == Some(1), "{e}");
         let e = Catalog::parse("t", &with("text_encoder = \"/m/te.safetensors\"")).unwrap_err();
-        assert!(e.message.contains("text_encoder") && e.message.contains(".gguf"), "{e}");
+        assert!(
+            e.message.contains("text_encoder") && e.message.contains(".gguf"),
+            "{e}"
+        );
     }
 
     #[test]

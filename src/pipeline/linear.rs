@@ -192,12 +192,7 @@ impl SwiGlu {
 
     /// Load one `{name}.weight` `(2 * hidden, in_dim)` whose first `hidden` rows are the gate
     /// and the others the up projection (FLUX.2's `linear_in`).
-    pub fn load_fused(
-        weights: &Weights,
-        name: &str,
-        in_dim: usize,
-        hidden: usize,
-    ) -> Result<Self> {
+    pub fn load_fused(weights: &Weights, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
         if let Some(w) = weights.quantized(&[name], in_dim, &[2 * hidden])? {
             return Ok(Self {
                 weight: Weight::Quant { w, b: None },

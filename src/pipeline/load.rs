@@ -156,7 +156,10 @@ impl ComponentSource {
                 if p.is_file() {
                     Ok(p.clone())
                 } else {
-                    Err(load_err(format!("GGUF file {} does not exist", p.display())))
+                    Err(load_err(format!(
+                        "GGUF file {} does not exist",
+                        p.display()
+                    )))
                 }
             }
             Self::Hub {
@@ -324,7 +327,11 @@ impl ModelFiles {
 
     /// Every tensor of a component: its name, element count and rank, from the safetensors
     /// headers alone.
-    pub fn tensor_elements(&self, component: &str, stem: &str) -> Result<Vec<(String, u64, usize)>> {
+    pub fn tensor_elements(
+        &self,
+        component: &str,
+        stem: &str,
+    ) -> Result<Vec<(String, u64, usize)>> {
         let mut out = Vec::new();
         for path in self.safetensors(component, stem)? {
             out.extend(safetensors_tensors(&path)?);
@@ -449,7 +456,9 @@ mod tests {
             })
         );
         assert!("hf:a/b".parse::<ComponentSource>().is_err());
-        assert!("hf:a/b/model.safetensors".parse::<ComponentSource>().is_err());
+        assert!("hf:a/b/model.safetensors"
+            .parse::<ComponentSource>()
+            .is_err());
         assert!("/m/x.safetensors".parse::<ComponentSource>().is_err());
         assert_eq!(
             "/m/x.GGUF".parse::<ComponentSource>().ok(),

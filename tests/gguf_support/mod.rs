@@ -42,7 +42,11 @@ pub fn z_image_type(name: &str, shape: &[usize], base: GgmlDType) -> GgmlDType {
         return GgmlDType::F32;
     }
     if !name.starts_with("layers.") || matches!(base, GgmlDType::F16 | GgmlDType::BF16) {
-        return if name.starts_with("layers.") { base } else { GgmlDType::BF16 };
+        return if name.starts_with("layers.") {
+            base
+        } else {
+            GgmlDType::BF16
+        };
     }
     let t = if name.contains("feed_forward.w2") {
         one_up(base)
@@ -187,11 +191,26 @@ pub fn flux2_entries(
     let global = [
         ("x_embedder.", "img_in."),
         ("context_embedder.", "txt_in."),
-        ("time_guidance_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
-        ("time_guidance_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
-        ("double_stream_modulation_img.linear.", "double_stream_modulation_img.lin."),
-        ("double_stream_modulation_txt.linear.", "double_stream_modulation_txt.lin."),
-        ("single_stream_modulation.linear.", "single_stream_modulation.lin."),
+        (
+            "time_guidance_embed.timestep_embedder.linear_1.",
+            "time_in.in_layer.",
+        ),
+        (
+            "time_guidance_embed.timestep_embedder.linear_2.",
+            "time_in.out_layer.",
+        ),
+        (
+            "double_stream_modulation_img.linear.",
+            "double_stream_modulation_img.lin.",
+        ),
+        (
+            "double_stream_modulation_txt.linear.",
+            "double_stream_modulation_txt.lin.",
+        ),
+        (
+            "single_stream_modulation.linear.",
+            "single_stream_modulation.lin.",
+        ),
         ("proj_out.", "final_layer.linear."),
     ];
     let mut out = Vec::new();
@@ -236,8 +255,8 @@ pub fn flux2_entries(
         }
         if let Some(p) = name.strip_prefix("norm_out.linear.") {
             let h = shape[0] / 2;
-            let swapped = Tensor::cat(&[t.narrow(0, h, h).unwrap(), t.narrow(0, 0, h).unwrap()], 0)
-                .unwrap();
+            let swapped =
+                Tensor::cat(&[t.narrow(0, h, h).unwrap(), t.narrow(0, 0, h).unwrap()], 0).unwrap();
             out.push((
                 format!("final_layer.adaLN_modulation.1.{p}"),
                 shape,

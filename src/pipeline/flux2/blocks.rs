@@ -9,8 +9,8 @@ use super::config::TransformerConfig;
 use super::rope;
 use crate::pipeline::attention::attention;
 use crate::pipeline::error::Result;
-use crate::pipeline::quant::Weights;
 use crate::pipeline::linear::{Dense, SwiGlu};
+use crate::pipeline::quant::Weights;
 
 /// Norm statistics are computed in f32, or f64 for an f64 run (checks).
 fn stat_dtype(dt: DType) -> DType {

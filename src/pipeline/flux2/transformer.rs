@@ -9,8 +9,8 @@ use super::blocks::{layer_norm, DoubleBlock, Mod3, Mod6, Rope, SingleBlock};
 use super::config::TransformerConfig;
 use super::rope;
 use crate::pipeline::error::{load_err, Result};
-use crate::pipeline::quant::Weights;
 use crate::pipeline::linear::Dense;
+use crate::pipeline::quant::Weights;
 
 pub struct Transformer {
     x_embedder: Dense,

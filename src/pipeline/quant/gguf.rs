@@ -101,7 +101,8 @@ pub fn type_name(code: u32) -> String {
 }
 
 /// The types this build runs (candle's): everything else is refused by name.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 fn dtype_of(code: u32) -> Option<GgmlDType> {
     Some(match code {

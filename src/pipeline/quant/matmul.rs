@@ -93,11 +93,8 @@ impl QuantMatrix {
         let w = if device.is_cpu() {
             Arc::new(host)
         } else {
-            let storage = candle_core::quantized::QStorage::from_data(
-                host.data()?,
-                device,
-                host.dtype(),
-            )?;
+            let storage =
+                candle_core::quantized::QStorage::from_data(host.data()?, device, host.dtype())?;
             Arc::new(QTensor::new(storage, host.shape().clone())?)
         };
         let path = if forced_dequantize() {
@@ -151,10 +148,7 @@ impl QuantMatrix {
         let x = x.contiguous()?;
         match self.path {
             Path::Quantized if x.device().is_cpu() => Ok(self.mm.forward(&x)?),
-            Path::Quantized => Ok(self
-                .mm
-                .forward(&x.to_dtype(DType::F32)?)?
-                .to_dtype(dt)?),
+            Path::Quantized => Ok(self.mm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?),
             Path::Dequantize => {
                 let w = self.w.dequantize(x.device())?.to_dtype(dt)?;
                 Ok(x.matmul(&w.t()?)?)

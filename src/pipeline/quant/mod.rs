@@ -217,9 +217,8 @@ impl Weights {
 /// layers; embedders, refiners (`noise_refiner`, `context_refiner`), the final layer and 1-D
 /// tensors keep the run dtype, as in the published files.
 pub fn quantized_by_default(name: &str) -> bool {
-    let in_blocks = name.starts_with("layers.")
-        || name.contains(".layers.")
-        || name.contains("blocks.");
+    let in_blocks =
+        name.starts_with("layers.") || name.contains(".layers.") || name.contains("blocks.");
     in_blocks && !name.contains("modulation") && name.ends_with(".weight")
 }
 

@@ -18,7 +18,10 @@
 pub enum Rows {
     All,
     /// Part `index` of `count` equal parts along the rows (a fused q|k|v).
-    Chunk { index: usize, count: usize },
+    Chunk {
+        index: usize,
+        count: usize,
+    },
     /// The two halves swapped (FLUX.2's final modulation: shift|scale -> scale|shift).
     SwapHalves,
 }

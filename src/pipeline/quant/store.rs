@@ -165,7 +165,12 @@ impl GgufStore {
     /// Our names fused along the rows, each `(out_i, in_dim)`, as host QTensors: one per run
     /// of consecutive names of the same stored type. `None` when any of them is stored in a
     /// float type (it is then loaded dense). Errors name a missing tensor or a wrong shape.
-    pub fn quantized(&self, names: &[String], in_dim: usize, outs: &[usize]) -> Result<Option<Vec<(QTensor, usize)>>> {
+    pub fn quantized(
+        &self,
+        names: &[String],
+        in_dim: usize,
+        outs: &[usize],
+    ) -> Result<Option<Vec<(QTensor, usize)>>> {
         let mut es = Vec::with_capacity(names.len());
         for (name, &out) in names.iter().zip(outs) {
             let e = self.entries.get(name).ok_or_else(|| self.missing(name))?;

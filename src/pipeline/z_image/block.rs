@@ -5,10 +5,10 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{linear, Linear};
 
 use super::config::TransformerConfig;
-use crate::pipeline::linear::{Dense, SwiGlu};
 use crate::pipeline::attention::attention;
 use crate::pipeline::error::Result;
 use crate::pipeline::kernels::{qkv_norm_rope, RowNorm};
+use crate::pipeline::linear::{Dense, SwiGlu};
 use crate::pipeline::quant::Weights;
 
 /// Rotary tables and key mask shared by every block of one stream.
