@@ -494,7 +494,7 @@ fn quantize_at_load_matches_the_dequantized_weights() {
         .map(|(n, t)| {
             let quantized = t.dims().len() == 2
                 && diffusiond::pipeline::quant::quantized_by_default(n)
-                && t.dims()[1] % 32 == 0;
+                && t.dims()[1].is_multiple_of(32);
             let v = if quantized {
                 gs::round_trip(t, GgmlDType::Q8_0)
             } else {
@@ -526,7 +526,7 @@ fn qwen3_gguf_agrees_and_reads_its_rope_base() {
     let ts = gs::read_component(&tiny().join("text_encoder"));
     let tmp = tempfile::tempdir().unwrap();
     let q8 = |n: &str, s: &[usize]| {
-        if s.len() == 2 && n.contains(".layers.") && s[1] % 32 == 0 {
+        if s.len() == 2 && n.contains(".layers.") && s[1].is_multiple_of(32) {
             GgmlDType::Q8_0
         } else {
             GgmlDType::F32
@@ -604,7 +604,7 @@ fn flux2_gguf_in_bfl_names_agrees_with_dequantized_weights() {
     let ty = |n: &str, s: &[usize]| {
         if s.len() < 2 {
             GgmlDType::F32
-        } else if n.contains("blocks.") && s[1] % 32 == 0 {
+        } else if n.contains("blocks.") && s[1].is_multiple_of(32) {
             GgmlDType::Q8_0
         } else {
             GgmlDType::BF16

@@ -53,7 +53,7 @@ pub fn z_image_type(name: &str, shape: &[usize], base: GgmlDType) -> GgmlDType {
     } else {
         base
     };
-    if shape[shape.len() - 1] % t.block_size() == 0 {
+    if shape[shape.len() - 1].is_multiple_of(t.block_size()) {
         t
     } else {
         GgmlDType::F16

@@ -53,13 +53,13 @@ impl GgufStore {
                     ))
                 };
                 let ranges = match rows {
-                    Rows::All => vec![0..n],
+                    Rows::All => std::iter::once(0..n).collect(),
                     Rows::Chunk { index, count } => {
                         if t.shape.is_empty() || !n.is_multiple_of(count) {
                             return Err(bad(&format!("cannot split into {count} equal parts")));
                         }
                         let c = n / count;
-                        vec![index * c..(index + 1) * c]
+                        std::iter::once(index * c..(index + 1) * c).collect()
                     }
                     Rows::SwapHalves => {
                         if !n.is_multiple_of(2) {
