@@ -49,6 +49,8 @@ fn concurrent(c: &mut Criterion) {
         let handle = scheduler::start(SchedulerConfig {
             pipelines: vec![Pipeline {
                 name: "z".into(),
+                components: Default::default(),
+                quantize: None,
                 weights: dir.display().to_string(),
                 family: None,
                 max_sequence_length: None,

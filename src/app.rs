@@ -92,7 +92,12 @@ pub fn pipeline_configs(
                 known.join(", ")
             );
         };
-        c.weights = o.source.clone();
+        match &o.component {
+            Some(component) => {
+                c.components.insert(component.clone(), o.source.clone());
+            }
+            None => c.weights = o.source.clone(),
+        }
     }
     Ok(configs)
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::pipeline::{DeviceSpec, RunDType, RunOptions, WeightSource};
+use crate::pipeline::{ComponentSource, DeviceSpec, QuantType, RunDType, RunOptions, WeightSource};
 
 mod shared;
 pub use shared::SharedArgs;
@@ -60,6 +60,13 @@ pub struct DeviceArgs {
     /// Default: the device's memory less 3 GiB of headroom (no limit where it cannot be told).
     #[arg(long, env = "DIFFUSIOND_MEMORY_BUDGET")]
     pub memory_budget: Option<ByteSize>,
+    /// Quantize full-precision weights at load: `q8_0` (about half of bf16, closest to it),
+    /// `q6_k`, `q5_k`, `q4_k`, `q4_0` (about a quarter; lowest quality). Applies to the
+    /// transformer and the text encoder; `transformer=q4_k` names one. Embedders, refiners, the
+    /// final layer and 1-D tensors stay in the run dtype. A GGUF file (`--weights
+    /// PIPELINE.transformer=FILE.gguf`) is used as it is stored.
+    #[arg(long, env = "DIFFUSIOND_QUANTIZE", value_delimiter = ',')]
+    pub quantize: Vec<QuantizeArg>,
 }
 
 impl DeviceArgs {
@@ -69,6 +76,11 @@ impl DeviceArgs {
             device: self.device.first().copied().unwrap_or_default(),
             dtype: self.dtype,
             offload_text_encoder: self.offload_text_encoder,
+            quantize: self
+                .quantize
+                .iter()
+                .flat_map(|q| q.components.iter().map(move |c| (c.clone(), q.ty)))
+                .collect(),
         }
     }
 }
@@ -109,31 +121,80 @@ impl std::str::FromStr for ByteSize {
     }
 }
 
-/// `--weights PIPELINE=SOURCE`: a pipeline's weights from another source.
+/// `--weights PIPELINE=SOURCE`: a pipeline's weights from another source, or
+/// `--weights PIPELINE.COMPONENT=FILE.gguf`: one component (`transformer`, `text_encoder`)
+/// from a GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightsOverride {
     pub pipeline: String,
-    /// `DIR` or `hf:ORG/REPO[@REV]` (checked when parsed).
+    /// `None`: the whole checkout.
+    pub component: Option<String>,
+    /// `DIR` or `hf:ORG/REPO[@REV]`; for a component `FILE.gguf` or `hf:ORG/REPO/PATH.gguf`
+    /// (checked when parsed).
     pub source: String,
 }
+
+/// Components that can come from their own GGUF file.
+const COMPONENTS: [&str; 2] = ["transformer", "text_encoder"];
 
 impl std::str::FromStr for WeightsOverride {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let Some((name, source)) = s.split_once('=') else {
-            return Err(format!("'{s}': expected PIPELINE=SOURCE"));
+            return Err(format!(
+                "'{s}': expected PIPELINE=SOURCE or PIPELINE.COMPONENT=FILE.gguf"
+            ));
         };
         let (name, source) = (name.trim(), source.trim());
+        let (name, component) = match name.rsplit_once('.') {
+            Some((p, c)) if COMPONENTS.contains(&c) => (p, Some(c.to_string())),
+            _ => (name, None),
+        };
         if name.is_empty() {
             return Err(format!("'{s}': the pipeline name is empty"));
         }
-        source
-            .parse::<WeightSource>()
-            .map_err(|e| format!("'{s}': {e}"))?;
+        match component {
+            Some(_) => source
+                .parse::<ComponentSource>()
+                .map(|_| ())
+                .map_err(|e| format!("'{s}': {e}"))?,
+            None => source
+                .parse::<WeightSource>()
+                .map(|_| ())
+                .map_err(|e| format!("'{s}': {e}"))?,
+        }
         Ok(Self {
             pipeline: name.to_string(),
+            component,
             source: source.to_string(),
         })
+    }
+}
+
+/// `--quantize TYPE` (the transformer and the text encoder) or `--quantize COMPONENT=TYPE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizeArg {
+    pub components: Vec<String>,
+    pub ty: QuantType,
+}
+
+impl std::str::FromStr for QuantizeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (components, ty) = match s.split_once('=') {
+            Some((c, t)) => {
+                let c = c.trim();
+                if !COMPONENTS.contains(&c) {
+                    return Err(format!(
+                        "'{s}': unknown component '{c}' (transformer, text_encoder)"
+                    ));
+                }
+                (vec![c.to_string()], t)
+            }
+            None => (COMPONENTS.iter().map(|c| c.to_string()).collect(), s),
+        };
+        let ty = ty.parse::<QuantType>().map_err(|e| format!("'{s}': {e}"))?;
+        Ok(Self { components, ty })
     }
 }
 
@@ -370,5 +431,39 @@ mod age_tests {
         ] {
             assert!(bad.parse::<Age>().is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod quant_arg_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{QuantizeArg, WeightsOverride};
+
+    #[test]
+    fn weights_take_a_component_gguf() {
+        let w: WeightsOverride = "z-image-turbo.transformer=hf:a/b/z-Q4_0.gguf"
+            .parse()
+            .unwrap();
+        assert_eq!(w.pipeline, "z-image-turbo");
+        assert_eq!(w.component.as_deref(), Some("transformer"));
+        let w: WeightsOverride = "flux2-klein=/models/klein".parse().unwrap();
+        assert_eq!((w.pipeline.as_str(), w.component), ("flux2-klein", None));
+        let e = "p.text_encoder=/m/te.safetensors"
+            .parse::<WeightsOverride>()
+            .unwrap_err();
+        assert!(e.contains(".gguf"), "{e}");
+    }
+
+    #[test]
+    fn quantize_names_a_type_and_optionally_a_component() {
+        let q: QuantizeArg = "q4_k".parse().unwrap();
+        assert_eq!(q.components, ["transformer", "text_encoder"]);
+        let q: QuantizeArg = "text_encoder=Q8_0".parse().unwrap();
+        assert_eq!(
+            (q.components.as_slice(), q.ty.name()),
+            (&["text_encoder".to_string()][..], "q8_0")
+        );
+        assert!("q3_k".parse::<QuantizeArg>().unwrap_err().contains("q8_0"));
+        assert!("vae=q8_0".parse::<QuantizeArg>().is_err());
     }
 }

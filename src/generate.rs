@@ -103,7 +103,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.device.device.len() > 1 {
         bail!("generate runs on one device; several (--device a,b) are for serve");
     }
-    let mut opts = args.device.run_options().open()?;
+    let mut opts = args
+        .device
+        .run_options()
+        .open()?
+        .for_pipeline(&p.components, p.quantize.as_deref())?;
     opts.max_sequence_length = p.max_sequence_length;
     let model = pipeline::load(&source, p.family.as_deref(), &opts)
         .with_context(|| format!("cannot load {} from {}", p.name, p.weights))?;

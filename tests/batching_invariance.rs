@@ -140,6 +140,8 @@ fn scheduler_batches_without_changing_images() {
     let cfg = SchedulerConfig {
         pipelines: vec![Pipeline {
             name: "z".into(),
+            components: Default::default(),
+            quantize: None,
             weights: common::tiny_dir().display().to_string(),
             family: None,
             max_sequence_length: None,

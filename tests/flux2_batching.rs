@@ -21,6 +21,8 @@ fn opts(max_len: Option<usize>) -> LoadOptions {
         dtype: common::test_dtype(),
         offload_text_encoder: false,
         max_sequence_length: max_len,
+        components: Default::default(),
+        quantize: Default::default(),
     }
 }
 

@@ -14,6 +14,8 @@ use diffusiond::scheduler::{self, Job, SchedulerConfig, SchedulerHandle};
 fn pipeline(name: &str) -> Pipeline {
     Pipeline {
         name: name.into(),
+        components: Default::default(),
+        quantize: None,
         weights: common::tiny_dir().display().to_string(),
         family: None,
         max_sequence_length: None,

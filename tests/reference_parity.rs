@@ -354,6 +354,8 @@ fn load_z_image(dir: &Path, max_len: usize) -> ZImage {
         dtype: common::test_dtype(),
         offload_text_encoder: false,
         max_sequence_length: Some(max_len),
+        components: Default::default(),
+        quantize: Default::default(),
     };
     ZImage::load_opts(&files, &opts).unwrap()
 }

@@ -28,6 +28,11 @@ pub struct Pipeline {
     pub name: String,
     /// `hf:ORG/REPO[@REV]` or a local directory.
     pub weights: String,
+    /// Components taken from a GGUF file instead of the checkout: `transformer` /
+    /// `text_encoder` -> `FILE.gguf` or `hf:ORG/REPO/PATH.gguf`.
+    pub components: BTreeMap<String, String>,
+    /// Quantize the full-precision transformer and text encoder at load (`q8_0`, ...).
+    pub quantize: Option<String>,
     /// The model family (`z-image`, `flux2-klein`); `None`: read from the checkout's
     /// `model_index.json`.
     pub family: Option<String>,
@@ -232,6 +237,33 @@ mod tests {
         assert_eq!(m.sizes.default, 1024);
         assert_eq!(m.pricing.default_price(), 200);
         assert_eq!(t.qualities, ["low", "medium", "high"]);
+    }
+
+    #[test]
+    fn quantized_variants_and_their_checks() {
+        let c = Catalog::builtin().unwrap();
+        let q = c.pipeline("z-image-turbo-q8").unwrap();
+        assert_eq!(q.quantize.as_deref(), Some("q8_0"));
+        assert!(c.pipeline("z-image-turbo").unwrap().quantize.is_none());
+        let model = "\n[[models]]\nid = \"m\"\npipeline = \"p\"\nprice = 1\nmin_size = 64\n\
+                     max_size = 64\nsize_step = 16\ndefault_size = 64\n";
+        let with = |extra: &str| {
+            format!(
+                "[pipelines.p]\nweights = \"/m\"\nsteps = 8\nguidance_scale = 0.0\n{extra}\n{model}"
+            )
+        };
+        let ok = Catalog::parse("t", &with("transformer = \"hf:a/b/sub/z-Q8_0.gguf\"")).unwrap();
+        assert_eq!(
+            ok.pipeline("p").unwrap().components["transformer"],
+            "hf:a/b/sub/z-Q8_0.gguf"
+        );
+        let e = Catalog::parse("t", &with("quantize = \"q3_xs\"")).unwrap_err();
+        assert!(e.message.contains("q3_xs") && e.line == Some(1), "{e}");
+        let e = Catalog::parse("t", &with("text_encoder = \"/m/te.safetensors\"")).unwrap_err();
+        assert!(
+            e.message.contains("text_encoder") && e.message.contains(".gguf"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -27,6 +27,11 @@ struct CatalogFile {
 #[serde(deny_unknown_fields)]
 struct PipelineSpec {
     weights: String,
+    /// A GGUF file for the transformer / text encoder instead of the checkout's.
+    transformer: Option<String>,
+    text_encoder: Option<String>,
+    /// Quantize the full-precision transformer and text encoder at load.
+    quantize: Option<String>,
     family: Option<String>,
     max_sequence_length: Option<usize>,
     steps: u32,
@@ -117,11 +122,30 @@ pub fn parse(name: &str, text: &str) -> Result<Catalog, CatalogError> {
                 ));
             }
         }
+        let mut components = BTreeMap::new();
+        for (component, src) in [
+            ("transformer", &spec.transformer),
+            ("text_encoder", &spec.text_encoder),
+        ] {
+            if let Some(src) = src {
+                if let Err(e) = src.parse::<crate::pipeline::ComponentSource>() {
+                    return Err(at(start, format!("pipeline '{pname}': {component}: {e}")));
+                }
+                components.insert(component.to_string(), src.clone());
+            }
+        }
+        if let Some(q) = &spec.quantize {
+            if let Err(e) = q.parse::<crate::pipeline::QuantType>() {
+                return Err(at(start, format!("pipeline '{pname}': {e}")));
+            }
+        }
         pipelines.insert(
             pname.clone(),
             Pipeline {
                 name: pname.clone(),
                 weights: spec.weights.clone(),
+                components,
+                quantize: spec.quantize.clone(),
                 family: spec.family.clone(),
                 max_sequence_length: spec.max_sequence_length,
                 steps: spec.steps,

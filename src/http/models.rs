@@ -61,6 +61,10 @@ pub struct ModelDto {
     pub guidance_doubles_price: bool,
     /// How `steps` and `guidance_scale` change the price, in words.
     pub price_rule: String,
+    /// Quantized components as the catalog configures them: `transformer` / `text_encoder` ->
+    /// `gguf FILE` (used as the file stores it) or `q8_0 at load`; null when every weight is
+    /// full precision.
+    pub quantization: Option<BTreeMap<String, String>>,
 }
 
 /// Resolution x quality pricing (gpt-image-2).
@@ -90,7 +94,22 @@ fn dto(m: &Model, pipeline: Option<&Pipeline>, loaded: &[String]) -> ModelDto {
             ""
         }
     );
+    let quantization = pipeline.and_then(|p| {
+        let mut q: BTreeMap<String, String> = p
+            .components
+            .iter()
+            .map(|(c, src)| (c.clone(), format!("gguf {src}")))
+            .collect();
+        if let Some(t) = &p.quantize {
+            for c in ["transformer", "text_encoder"] {
+                q.entry(c.to_string())
+                    .or_insert_with(|| format!("{t} at load"));
+            }
+        }
+        (!q.is_empty()).then_some(q)
+    });
     ModelDto {
+        quantization,
         default_steps,
         guidance_doubles_price,
         price_rule,

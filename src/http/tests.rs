@@ -634,3 +634,56 @@ async fn metrics_can_require_a_key() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(String::from_utf8(r.bytes).unwrap().contains("diffusiond_"));
 }
+
+#[tokio::test]
+async fn models_show_the_quantization() {
+    let text = r#"
+[pipelines.zq]
+family = "z-image"
+weights = "hf:Tongyi-MAI/Z-Image-Turbo"
+transformer = "hf:someone/Z-Image-GGUF/z_image-Q4_K_M.gguf"
+quantize = "q8_0"
+steps = 8
+guidance_scale = 0.0
+
+[pipelines.plain]
+weights = "/models/z"
+steps = 8
+guidance_scale = 0.0
+
+[[models]]
+id = "zq"
+pipeline = "zq"
+price = 1
+min_size = 64
+max_size = 1024
+size_step = 16
+default_size = 512
+
+[[models]]
+id = "plain"
+pipeline = "plain"
+price = 1
+min_size = 64
+max_size = 1024
+size_step = 16
+default_size = 512
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let facade = Facade::new(
+        Catalog::parse("test", text).unwrap(),
+        AuthPolicy::Open,
+        FileStore::open(dir.path()).unwrap(),
+        Fake::new(Mode::Succeed),
+    );
+    let url = PublicUrl::new(None, "127.0.0.1:1".parse().unwrap());
+    let app = router(AppState::new(Arc::new(facade), url));
+    let v = send(&app, get("/v1/models")).await.json();
+    let q = &v["models"][0]["quantization"];
+    assert_eq!(
+        q["transformer"],
+        "gguf hf:someone/Z-Image-GGUF/z_image-Q4_K_M.gguf"
+    );
+    assert_eq!(q["text_encoder"], "q8_0 at load");
+    assert!(v["models"][1]["quantization"].is_null());
+}

@@ -164,11 +164,30 @@ pub fn step(model: &dyn Family, items: &mut [&mut DenoiseItem]) -> Result<()> {
             _ => outs[k].clone(),
         };
         let (s, s_next) = (it.sigmas[it.step], it.sigmas[it.step + 1]);
-        it.latent = euler_step(&it.latent, &v, s, s_next)?;
+        let next = euler_step(&it.latent, &v, s, s_next)?;
+        check_finite(&next, it.step + 1)?;
+        it.latent = next;
         it.last_velocity = Some(v);
         it.step += 1;
     }
     Ok(())
+}
+
+/// Fail when a latent holds inf or NaN (broken weights or a kernel that overflowed): the
+/// decoded image would be flat or black. One reduction per item and step; a sum of finite
+/// values that overflows f32 is as broken as a NaN.
+fn check_finite(latent: &Tensor, step: usize) -> Result<()> {
+    let sum = latent
+        .sum_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(PipelineError::NonFinite(format!(
+            "the latent is not finite after step {step}"
+        )))
+    }
 }
 
 /// Decode finished items together.

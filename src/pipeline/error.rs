@@ -9,6 +9,10 @@ pub enum PipelineError {
     /// A request the model cannot run (size not a multiple of 16, zero steps, ...).
     #[error("{0}")]
     InvalidInput(String),
+    /// The latents stopped being finite (inf/NaN): the weights or a kernel broke down; the
+    /// image would be flat or black, so the generation fails instead.
+    #[error("non-finite values in the latents: {0}")]
+    NonFinite(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("tensor error: {0}")]

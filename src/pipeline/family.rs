@@ -5,11 +5,15 @@
 //! schedule arithmetic, Euler and CFG stay shared pure functions ([`super::sampler`]). Every
 //! family computes an item's output from that item alone, so batching never changes an image.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{PipelineError, Result};
 use super::flops::Work;
 use super::image::RgbImage;
+use super::load::ComponentSource;
+use super::quant::QuantType;
 
 /// How a family combines the positive and negative predictions of a guided step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,4 +119,45 @@ pub struct LoadOptions {
     pub offload_text_encoder: bool,
     /// Cut prompts at this many tokens instead of the family's default.
     pub max_sequence_length: Option<usize>,
+    /// Components (`transformer`, `text_encoder`) taken from a GGUF file instead of the
+    /// checkout.
+    pub components: BTreeMap<String, ComponentSource>,
+    /// Components whose full-precision weights are quantized at load (`--quantize`).
+    pub quantize: BTreeMap<String, QuantType>,
+}
+
+impl LoadOptions {
+    /// These options for one pipeline: its components from GGUF files (`component` ->
+    /// `FILE.gguf` / `hf:ORG/REPO/PATH.gguf`) and its quantization at load (`q8_0`, ...; for
+    /// the transformer and the text encoder unless the command line set them already).
+    pub fn for_pipeline(
+        &self,
+        components: &BTreeMap<String, String>,
+        quantize: Option<&str>,
+    ) -> Result<Self> {
+        let mut o = self.clone();
+        for (component, src) in components {
+            o.components
+                .insert(component.clone(), src.parse::<ComponentSource>()?);
+        }
+        if let Some(q) = quantize {
+            let q: QuantType = q.parse()?;
+            for c in ["transformer", "text_encoder"] {
+                o.quantize.entry(c.to_string()).or_insert(q);
+            }
+        }
+        Ok(o)
+    }
+
+    /// Options with no component overrides and no quantization.
+    pub fn new(device: Device, dtype: DType) -> Self {
+        Self {
+            device,
+            dtype,
+            offload_text_encoder: false,
+            max_sequence_length: None,
+            components: BTreeMap::new(),
+            quantize: BTreeMap::new(),
+        }
+    }
 }

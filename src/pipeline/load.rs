@@ -68,6 +68,113 @@ impl std::fmt::Display for WeightSource {
     }
 }
 
+/// Where one component's weights come from when they are not the checkout's own: a GGUF file,
+/// local (`PATH.gguf`) or on the hub (`hf:ORG/REPO[@REVISION]/PATH.gguf`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComponentSource {
+    Local(PathBuf),
+    Hub {
+        repo: String,
+        revision: Option<String>,
+        path: String,
+    },
+}
+
+impl FromStr for ComponentSource {
+    type Err = PipelineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let bad = || {
+            load_err(format!(
+                "bad component source '{s}': expected a local FILE.gguf or hf:ORG/REPO[@REVISION]/PATH.gguf"
+            ))
+        };
+        let src = if let Some(rest) = s.strip_prefix("hf:") {
+            let mut parts = rest.splitn(3, '/');
+            let (Some(org), Some(repo), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad());
+            };
+            let (repo, revision) = match repo.split_once('@') {
+                Some((r, rev)) => (r, Some(rev.to_string())),
+                None => (repo, None),
+            };
+            if org.is_empty()
+                || repo.is_empty()
+                || path.is_empty()
+                || path.contains("..")
+                || revision.as_deref() == Some("")
+            {
+                return Err(bad());
+            }
+            Self::Hub {
+                repo: format!("{org}/{repo}"),
+                revision,
+                path: path.to_string(),
+            }
+        } else if s.is_empty() {
+            return Err(bad());
+        } else {
+            Self::Local(PathBuf::from(s))
+        };
+        let name = match &src {
+            Self::Local(p) => p.to_string_lossy().into_owned(),
+            Self::Hub { path, .. } => path.clone(),
+        };
+        if !name.to_ascii_lowercase().ends_with(".gguf") {
+            return Err(load_err(format!(
+                "component source '{s}' is not a .gguf file (a component can come from a GGUF \
+                 file; whole checkouts are given as PIPELINE=SOURCE)"
+            )));
+        }
+        Ok(src)
+    }
+}
+
+impl std::fmt::Display for ComponentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub {
+                repo,
+                revision,
+                path,
+            } => match revision {
+                Some(r) => write!(f, "hf:{repo}@{r}/{path}"),
+                None => write!(f, "hf:{repo}/{path}"),
+            },
+        }
+    }
+}
+
+impl ComponentSource {
+    /// The local path of the file, downloading it into the hub cache if needed.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match self {
+            Self::Local(p) => {
+                if p.is_file() {
+                    Ok(p.clone())
+                } else {
+                    Err(load_err(format!(
+                        "GGUF file {} does not exist",
+                        p.display()
+                    )))
+                }
+            }
+            Self::Hub {
+                repo,
+                revision,
+                path,
+            } => ModelFiles::open(&WeightSource::Hub {
+                repo: repo.clone(),
+                revision: revision.clone(),
+            })?
+            .file(path),
+        }
+    }
+}
+
 /// Resolves files of one pipeline checkout, downloading them on first use for hub sources.
 pub struct ModelFiles {
     source: WeightSource,
@@ -232,6 +339,20 @@ impl ModelFiles {
         Ok(total)
     }
 
+    /// Every tensor of a component: its name, element count and rank, from the safetensors
+    /// headers alone.
+    pub fn tensor_elements(
+        &self,
+        component: &str,
+        stem: &str,
+    ) -> Result<Vec<(String, u64, usize)>> {
+        let mut out = Vec::new();
+        for path in self.safetensors(component, stem)? {
+            out.extend(safetensors_tensors(&path)?);
+        }
+        Ok(out)
+    }
+
     /// A VarBuilder over a component's weights in `dtype` on `device`.
     pub fn var_builder(
         &self,
@@ -265,6 +386,11 @@ fn mmap_var_builder(
 
 /// Elements of every tensor in one safetensors file, read from its JSON header.
 fn safetensors_elements(path: &Path) -> Result<u64> {
+    Ok(safetensors_tensors(path)?.iter().map(|t| t.1).sum())
+}
+
+/// Name, element count and rank of every tensor in one safetensors file, from its header.
+fn safetensors_tensors(path: &Path) -> Result<Vec<(String, u64, usize)>> {
     use std::io::Read;
     let bad = |why: String| load_err(format!("{}: {why}", path.display()));
     let mut f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
@@ -283,9 +409,12 @@ fn safetensors_elements(path: &Path) -> Result<u64> {
     Ok(header
         .iter()
         .filter(|(k, _)| k.as_str() != "__metadata__")
-        .filter_map(|(_, v)| v.get("shape")?.as_array().cloned())
-        .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
-        .sum())
+        .filter_map(|(k, v)| Some((k, v.get("shape")?.as_array().cloned()?)))
+        .map(|(k, shape)| {
+            let elems = shape.iter().filter_map(|d| d.as_u64()).product::<u64>();
+            (k.clone(), elems, shape.len())
+        })
+        .collect())
 }
 
 /// Read and parse a JSON file, naming it in the error.
@@ -320,6 +449,37 @@ mod tests {
         assert_eq!(
             "/x/y".parse::<WeightSource>().ok(),
             Some(WeightSource::Local("/x/y".into()))
+        );
+    }
+
+    #[test]
+    fn parses_component_sources() {
+        assert_eq!(
+            "hf:jayn7/Z-Image-Turbo-GGUF/z_image_turbo-Q8_0.gguf"
+                .parse::<ComponentSource>()
+                .ok(),
+            Some(ComponentSource::Hub {
+                repo: "jayn7/Z-Image-Turbo-GGUF".into(),
+                revision: None,
+                path: "z_image_turbo-Q8_0.gguf".into()
+            })
+        );
+        assert_eq!(
+            "hf:a/b@main/sub/x.gguf".parse::<ComponentSource>().ok(),
+            Some(ComponentSource::Hub {
+                repo: "a/b".into(),
+                revision: Some("main".into()),
+                path: "sub/x.gguf".into()
+            })
+        );
+        assert!("hf:a/b".parse::<ComponentSource>().is_err());
+        assert!("hf:a/b/model.safetensors"
+            .parse::<ComponentSource>()
+            .is_err());
+        assert!("/m/x.safetensors".parse::<ComponentSource>().is_err());
+        assert_eq!(
+            "/m/x.GGUF".parse::<ComponentSource>().ok(),
+            Some(ComponentSource::Local("/m/x.GGUF".into()))
         );
     }
 }

@@ -14,9 +14,11 @@ pub mod flops;
 pub mod flux2;
 pub mod image;
 pub mod kernels;
+pub mod linear;
 pub mod load;
 pub mod noise;
 pub mod prompt;
+pub mod quant;
 pub mod qwen3;
 pub mod registry;
 pub mod sampler;
@@ -30,7 +32,8 @@ pub use error::{PipelineError, Result};
 pub use family::{Conditioning, Family, FamilyInfo, LoadOptions};
 pub use flux2::Flux2Klein;
 pub use image::RgbImage;
-pub use load::{ModelFiles, WeightSource};
+pub use load::{ComponentSource, ModelFiles, WeightSource};
+pub use quant::QuantType;
 pub use sampler::Guidance;
 pub use z_image::ZImage;
 
@@ -42,6 +45,8 @@ pub struct RunOptions {
     pub dtype: Option<RunDType>,
     /// Keep the text encoder in host memory and run it on the CPU.
     pub offload_text_encoder: bool,
+    /// Components quantized at load (`--quantize`), for every pipeline.
+    pub quantize: std::collections::BTreeMap<String, QuantType>,
 }
 
 impl RunOptions {
@@ -49,12 +54,10 @@ impl RunOptions {
     pub fn open(&self) -> Result<LoadOptions> {
         let device = self.device.open()?;
         let dtype = RunDType::resolve(self.dtype, &device);
-        Ok(LoadOptions {
-            device,
-            dtype,
-            offload_text_encoder: self.offload_text_encoder,
-            max_sequence_length: None,
-        })
+        let mut opts = LoadOptions::new(device, dtype);
+        opts.offload_text_encoder = self.offload_text_encoder;
+        opts.quantize = self.quantize.clone();
+        Ok(opts)
     }
 }
 

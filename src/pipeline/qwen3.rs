@@ -8,10 +8,42 @@
 //! layer k-1; the final norm is never needed and not loaded.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm};
 use serde::Deserialize;
 
 use crate::pipeline::error::{load_err, PipelineError, Result};
+use crate::pipeline::quant::{QuantParts, Weights};
+
+/// A projection without bias: candle's dense `Linear` for full-precision weights (as before),
+/// or a block-quantized matrix.
+enum Proj {
+    Dense(Linear),
+    Quant(QuantParts),
+}
+
+impl Proj {
+    fn new(w: &Weights, name: &str, in_dim: usize, out: usize) -> Result<Self> {
+        Ok(match w.quantized(&[name], in_dim, &[out])? {
+            Some(q) => Self::Quant(q),
+            None => Self::Dense(linear_no_bias(in_dim, out, w.vb().pp(name))?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => Ok(l.forward(x)?),
+            Self::Quant(q) => {
+                let dims = x.dims().to_vec();
+                let k = dims[dims.len() - 1];
+                let y = q.forward(&x.reshape(((), k))?)?;
+                let mut out = dims;
+                let last = out.len() - 1;
+                out[last] = y.dim(1)?;
+                Ok(y.reshape(out)?)
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -36,10 +68,10 @@ impl Config {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     n_heads: usize,
@@ -48,14 +80,15 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, w: Weights) -> Result<Self> {
         let hd = cfg.head_dim();
         let h = cfg.hidden_size;
+        let vb = w.vb();
         Ok(Self {
-            q_proj: linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q_proj: Proj::new(&w, "q_proj", h, cfg.num_attention_heads * hd)?,
+            k_proj: Proj::new(&w, "k_proj", h, cfg.num_key_value_heads * hd)?,
+            v_proj: Proj::new(&w, "v_proj", h, cfg.num_key_value_heads * hd)?,
+            o_proj: Proj::new(&w, "o_proj", cfg.num_attention_heads * hd, h)?,
             q_norm: rms_norm(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
             k_norm: rms_norm(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
             n_heads: cfg.num_attention_heads,
@@ -94,7 +127,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, ()))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -109,26 +142,27 @@ struct Layer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Layer {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, w: Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let i = cfg.intermediate_size;
+        let vb = w.vb();
         Ok(Self {
             input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, w.pp("self_attn"))?,
             post_attention_layernorm: rms_norm(
                 h,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            gate_proj: linear_no_bias(h, i, vb.pp("mlp.gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("mlp.up_proj"))?,
-            down_proj: linear_no_bias(i, h, vb.pp("mlp.down_proj"))?,
+            gate_proj: Proj::new(&w, "mlp.gate_proj", h, i)?,
+            up_proj: Proj::new(&w, "mlp.up_proj", h, i)?,
+            down_proj: Proj::new(&w, "mlp.down_proj", i, h)?,
         })
     }
 
@@ -170,7 +204,21 @@ impl TextEncoder {
     /// Loads `model.embed_tokens` and the layers up to the last hidden state of `states`
     /// (indices into `hidden_states`: 0 the embeddings, k the output of layer k-1; the final
     /// normed state `num_hidden_layers` is not supported).
-    pub fn new(cfg: &Config, states: &[usize], vb: VarBuilder) -> Result<Self> {
+    /// From a GGUF file, `rope.freq_base` is read from the file (the Qwen3-4B Instruct files
+    /// people pair with Z-Image use 5e6, Z-Image's own encoder 1e6) and overrides the config.
+    pub fn new(cfg: &Config, states: &[usize], w: Weights) -> Result<Self> {
+        let mut cfg = cfg.clone();
+        if let Some(base) = w.gguf_number("qwen3.rope.freq_base") {
+            if base != cfg.rope_theta {
+                tracing::info!(
+                    config = cfg.rope_theta,
+                    file = base,
+                    "text encoder: RoPE base from the GGUF file"
+                );
+            }
+            cfg.rope_theta = base;
+        }
+        let cfg = &cfg;
         let last = match states.iter().max() {
             Some(&m) if m < cfg.num_hidden_layers => m,
             _ => {
@@ -195,10 +243,11 @@ impl TextEncoder {
                 "num_attention_heads must be a multiple of num_key_value_heads",
             ));
         }
-        let vb = vb.pp("model");
+        let w = w.pp("model");
+        let vb = w.vb();
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..last)
-            .map(|i| Layer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, w.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens,

@@ -127,7 +127,7 @@ pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u
         } else {
             "diffusion_pytorch_model"
         };
-        total += files.parameter_count(component, stem)? * opts.dtype.size_in_bytes() as u64;
+        total += super::quant::estimate_bytes(files, opts, component, stem, opts.dtype)?;
     }
     Ok(total)
 }
@@ -151,6 +151,16 @@ pub fn what_fits(files: &ModelFiles, opts: &LoadOptions, budget: u64) -> String 
             tries.push(("--dtype bf16 --offload-text-encoder", both));
         }
     }
+    for (flag, ty) in [("--quantize q8_0", "q8_0"), ("--quantize q4_k", "q4_k")] {
+        if opts.quantize.is_empty() && opts.components.is_empty() {
+            let mut q = half_or_same(opts);
+            if let Ok(t) = ty.parse::<super::quant::QuantType>() {
+                q.quantize.insert("transformer".into(), t);
+                q.quantize.insert("text_encoder".into(), t);
+                tries.push((flag, q));
+            }
+        }
+    }
     let fits: Vec<String> = tries
         .into_iter()
         .filter_map(|(flag, o)| {
@@ -161,8 +171,17 @@ pub fn what_fits(files: &ModelFiles, opts: &LoadOptions, budget: u64) -> String 
     if fits.is_empty() {
         "a quantized variant of the pipeline, or a device with more memory".into()
     } else {
-        format!("{}; or a quantized variant", fits.join(", "))
+        fits.join(", ")
     }
+}
+
+/// `opts` in bf16 on a GPU (quantized runs there keep bf16 activations), as they are on a CPU.
+fn half_or_same(opts: &LoadOptions) -> LoadOptions {
+    let mut o = opts.clone();
+    if !opts.device.is_cpu() {
+        o.dtype = DType::BF16;
+    }
+    o
 }
 
 /// Bytes for people: `12.3 GiB`, `512.0 MiB`, `80.5 KiB`, `12 B`.

@@ -81,7 +81,10 @@ impl Pipelines {
             .parse()
             .map_err(|e| format!("pipeline {name}: {e}"))?;
         let files = ModelFiles::open(&source).map_err(|e| format!("pipeline {name}: {e}"))?;
-        let mut opts = self.opts.clone();
+        let mut opts = self
+            .opts
+            .for_pipeline(&p.components, p.quantize.as_deref())
+            .map_err(|e| format!("pipeline {name}: {e}"))?;
         opts.max_sequence_length = p.max_sequence_length;
         let need = pipeline::registry::estimate_weight_bytes(&files, &opts)
             .map_err(|e| format!("pipeline {name}: {e}"))?;

@@ -382,6 +382,8 @@ fn load(dir: &Path, max_len: usize, distilled: bool) -> Flux2Klein {
         dtype: super::common::test_dtype(),
         offload_text_encoder: false,
         max_sequence_length: Some(max_len),
+        components: Default::default(),
+        quantize: Default::default(),
     };
     Flux2Klein::load_as(&files, &opts, distilled).unwrap()
 }

@@ -9,7 +9,8 @@ use super::config::TransformerConfig;
 use super::rope;
 use crate::pipeline::attention::attention;
 use crate::pipeline::error::Result;
-use crate::pipeline::z_image::linear::{Dense, SwiGlu};
+use crate::pipeline::linear::{Dense, SwiGlu};
+use crate::pipeline::quant::Weights;
 
 /// Norm statistics are computed in f32, or f64 for an f64 run (checks).
 fn stat_dtype(dt: DType) -> DType {
@@ -148,17 +149,17 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, w: Weights) -> Result<Self> {
         let (d, f, hd) = (cfg.dim(), cfg.ff_hidden(), cfg.attention_head_dim);
-        let a = vb.pp("attn");
+        let a = w.pp("attn");
         let stream = |qkv: [&str; 3], nq: &str, nk: &str, out: &str, ff: &str| -> Result<Stream> {
             Ok(Stream {
                 qkv: Dense::load(&a, &qkv, d, &[d, d, d], false)?,
-                norm_q: HeadNorm::new(hd, cfg.eps, a.pp(nq))?,
-                norm_k: HeadNorm::new(hd, cfg.eps, a.pp(nk))?,
+                norm_q: HeadNorm::new(hd, cfg.eps, a.vb().pp(nq))?,
+                norm_k: HeadNorm::new(hd, cfg.eps, a.vb().pp(nk))?,
                 out: Dense::load(&a, &[out], d, &[d], false)?,
-                ff_in: SwiGlu::load_fused(&vb.pp(ff), "linear_in", d, f)?,
-                ff_out: Dense::load(&vb.pp(ff), &["linear_out"], f, &[d], false)?,
+                ff_in: SwiGlu::load_fused(&w.pp(ff), "linear_in", d, f)?,
+                ff_out: Dense::load(&w.pp(ff), &["linear_out"], f, &[d], false)?,
             })
         };
         Ok(Self {
@@ -256,13 +257,13 @@ pub struct SingleBlock {
 }
 
 impl SingleBlock {
-    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, w: Weights) -> Result<Self> {
         let (d, f, hd) = (cfg.dim(), cfg.ff_hidden(), cfg.attention_head_dim);
-        let a = vb.pp("attn");
+        let a = w.pp("attn");
         Ok(Self {
             proj: Dense::load(&a, &["to_qkv_mlp_proj"], d, &[3 * d + 2 * f], false)?,
-            norm_q: HeadNorm::new(hd, cfg.eps, a.pp("norm_q"))?,
-            norm_k: HeadNorm::new(hd, cfg.eps, a.pp("norm_k"))?,
+            norm_q: HeadNorm::new(hd, cfg.eps, a.vb().pp("norm_q"))?,
+            norm_k: HeadNorm::new(hd, cfg.eps, a.vb().pp("norm_k"))?,
             out: Dense::load(&a, &["to_out"], d + f, &[d], false)?,
             heads: cfg.num_attention_heads,
             dim: d,

@@ -25,6 +25,7 @@ use super::flops::{self, Work};
 use super::image::{to_rgb8, RgbImage};
 use super::load::ModelFiles;
 use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
+use super::quant;
 use super::qwen3::{self, TextEncoder};
 use super::vae::{tiling, VaeConfig, VaeDecoder};
 use super::{noise, sampler};
@@ -97,8 +98,16 @@ impl Flux2Klein {
         } else {
             (device.clone(), dtype)
         };
-        let te_vb = files.var_builder("text_encoder", "model", te_dtype, &te_device)?;
-        let text_encoder = TextEncoder::new(&te_cfg, &TEXT_STATES, te_vb)?;
+        let te = quant::component(
+            files,
+            opts,
+            "text_encoder",
+            "model",
+            te_dtype,
+            &te_device,
+            quant::names::qwen3,
+        )?;
+        let text_encoder = TextEncoder::new(&te_cfg, &TEXT_STATES, te.weights)?;
 
         let tr_cfg: TransformerConfig = files.json("transformer/config.json")?;
         if tr_cfg.joint_attention_dim != text_encoder.feature_size() {
@@ -109,8 +118,16 @@ impl Flux2Klein {
                 te_cfg.hidden_size
             )));
         }
-        let tr_vb = files.var_builder("transformer", "diffusion_pytorch_model", dtype, device)?;
-        let transformer = Transformer::new(&tr_cfg, tr_vb)?;
+        let tr = quant::component(
+            files,
+            opts,
+            "transformer",
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            quant::names::flux2,
+        )?;
+        let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
         if vae_cfg.latent_channels * 4 != tr_cfg.in_channels
@@ -130,14 +147,14 @@ impl Flux2Klein {
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
 
         let te_on_device = if te_device.same_device(device) {
-            files.parameter_count("text_encoder", "model")?
+            te.bytes
         } else {
             0
         };
-        let weight_bytes = (files.parameter_count("transformer", "diffusion_pytorch_model")?
+        let weight_bytes = tr.bytes
+            + te_on_device
             + files.parameter_count("vae", "diffusion_pytorch_model")?
-            + te_on_device)
-            * dtype.size_in_bytes() as u64;
+                * dtype.size_in_bytes() as u64;
 
         Ok(Self {
             info: FamilyInfo {

@@ -4,13 +4,13 @@
 //! output does not depend on its batch mates.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::blocks::{layer_norm, DoubleBlock, Mod3, Mod6, Rope, SingleBlock};
 use super::config::TransformerConfig;
 use super::rope;
 use crate::pipeline::error::{load_err, Result};
-use crate::pipeline::z_image::linear::Dense;
+use crate::pipeline::linear::Dense;
+use crate::pipeline::quant::Weights;
 
 pub struct Transformer {
     x_embedder: Dense,
@@ -30,7 +30,7 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, vb: Weights) -> Result<Self> {
         cfg.check()?;
         let d = cfg.dim();
         let tg = vb.pp("time_guidance_embed.timestep_embedder");

@@ -2,13 +2,14 @@
 //! sandwich RMSNorms, and optional adaLN modulation (scale and tanh gate).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{linear, Linear};
 
 use super::config::TransformerConfig;
-use super::linear::{Dense, SwiGlu};
 use crate::pipeline::attention::attention;
 use crate::pipeline::error::Result;
 use crate::pipeline::kernels::{qkv_norm_rope, RowNorm};
+use crate::pipeline::linear::{Dense, SwiGlu};
+use crate::pipeline::quant::Weights;
 
 /// Rotary tables and key mask shared by every block of one stream.
 pub struct StreamCtx {
@@ -45,17 +46,18 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, w: Weights) -> Result<Self> {
         let hd = cfg.head_dim();
+        let vb = w.vb();
         Ok(Self {
             qkv: Dense::load(
-                &vb,
+                &w,
                 &["to_q", "to_k", "to_v"],
                 cfg.dim,
                 &[cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd],
                 false,
             )?,
-            to_out: Dense::load(&vb, &["to_out.0"], cfg.n_heads * hd, &[cfg.dim], false)?,
+            to_out: Dense::load(&w, &["to_out.0"], cfg.n_heads * hd, &[cfg.dim], false)?,
             norm_q: RowNorm::new(hd, 1e-5, vb.pp("norm_q"))?,
             norm_k: RowNorm::new(hd, 1e-5, vb.pp("norm_k"))?,
             n_heads: cfg.n_heads,
@@ -113,10 +115,10 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, hidden: usize, w: Weights) -> Result<Self> {
         Ok(Self {
-            w13: SwiGlu::load(&vb, "w1", "w3", dim, hidden)?,
-            w2: Dense::load(&vb, &["w2"], hidden, &[dim], false)?,
+            w13: SwiGlu::load(&w, "w1", "w3", dim, hidden)?,
+            w2: Dense::load(&w, &["w2"], hidden, &[dim], false)?,
         })
     }
 
@@ -137,12 +139,13 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(cfg: &TransformerConfig, modulated: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, modulated: bool, w: Weights) -> Result<Self> {
         let eps = cfg.norm_eps;
         let d = cfg.dim;
+        let vb = w.vb();
         Ok(Self {
-            attention: SelfAttention::new(cfg, vb.pp("attention"))?,
-            feed_forward: FeedForward::new(d, cfg.ffn_hidden(), vb.pp("feed_forward"))?,
+            attention: SelfAttention::new(cfg, w.pp("attention"))?,
+            feed_forward: FeedForward::new(d, cfg.ffn_hidden(), w.pp("feed_forward"))?,
             attention_norm1: RowNorm::new(d, eps, vb.pp("attention_norm1"))?,
             attention_norm2: RowNorm::new(d, eps, vb.pp("attention_norm2"))?,
             ffn_norm1: RowNorm::new(d, eps, vb.pp("ffn_norm1"))?,
@@ -250,6 +253,7 @@ mod tests {
     use candle_nn::VarBuilder;
 
     use super::{Block, StreamCtx};
+    use crate::pipeline::quant::Weights;
     use crate::pipeline::z_image::config::TransformerConfig;
     use crate::pipeline::z_image::rope::{image_positions, Rope};
 
@@ -311,7 +315,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (b, s, cfg.dim), &dev).unwrap();
         let adaln = Tensor::randn(0f32, 1.0, (b, cfg.adaln_dim()), &dev).unwrap();
         for modulated in [true, false] {
-            let block = Block::new(&cfg, modulated, vb.clone()).unwrap();
+            let block = Block::new(&cfg, modulated, Weights::dense(vb.clone())).unwrap();
             let c = modulated.then_some(&adaln);
             let fused = block.forward_fused(&x, &ctx, c).unwrap();
             let Some(fused) = fused else {

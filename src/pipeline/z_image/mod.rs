@@ -3,7 +3,6 @@
 pub mod block;
 pub mod config;
 pub mod family;
-pub mod linear;
 pub mod rope;
 pub mod transformer;
 
@@ -16,6 +15,7 @@ use super::family::{FamilyInfo, LoadOptions};
 use super::flops::{self, Work};
 use super::load::ModelFiles;
 use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
+use super::quant;
 use super::qwen3::{self as text_encoder, TextEncoder};
 use super::sampler::SchedulerConfig;
 use super::vae::{tiling, VaeConfig, VaeDecoder};
@@ -51,15 +51,9 @@ impl ZImage {
         dtype: DType,
         offload_text_encoder: bool,
     ) -> Result<Self> {
-        Self::load_opts(
-            files,
-            &LoadOptions {
-                device: device.clone(),
-                dtype,
-                offload_text_encoder,
-                max_sequence_length: None,
-            },
-        )
+        let mut opts = LoadOptions::new(device.clone(), dtype);
+        opts.offload_text_encoder = offload_text_encoder;
+        Self::load_opts(files, &opts)
     }
 
     /// Load with every option (the text encoder offload, the prompt length cut).
@@ -89,14 +83,30 @@ impl ZImage {
         } else {
             (device.clone(), dtype)
         };
-        let te_vb = files.var_builder("text_encoder", "model", te_dtype, &te_device)?;
+        let te = quant::component(
+            files,
+            opts,
+            "text_encoder",
+            "model",
+            te_dtype,
+            &te_device,
+            quant::names::qwen3,
+        )?;
         let states = text_encoder::second_to_last(&te_cfg)?;
-        let text_encoder = TextEncoder::new(&te_cfg, &states, te_vb)?;
+        let text_encoder = TextEncoder::new(&te_cfg, &states, te.weights)?;
 
         let tr_cfg: TransformerConfig = files.json("transformer/config.json")?;
         check_caption_width(&tr_cfg, text_encoder.hidden_size())?;
-        let tr_vb = files.var_builder("transformer", "diffusion_pytorch_model", dtype, device)?;
-        let transformer = Transformer::new(&tr_cfg, tr_vb)?;
+        let tr = quant::component(
+            files,
+            opts,
+            "transformer",
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            quant::names::z_image,
+        )?;
+        let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
         let vae_vb = files.var_builder("vae", "diffusion_pytorch_model", dtype, device)?;
@@ -108,13 +118,13 @@ impl ZImage {
 
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         let te_bytes = if te_device.same_device(device) {
-            files.parameter_count("text_encoder", "model")? * te_dtype.size_in_bytes() as u64
+            te.bytes
         } else {
             0
         };
         let weight_bytes = te_bytes
-            + (files.parameter_count("transformer", "diffusion_pytorch_model")?
-                + files.parameter_count("vae", "diffusion_pytorch_model")?)
+            + tr.bytes
+            + files.parameter_count("vae", "diffusion_pytorch_model")?
                 * dtype.size_in_bytes() as u64;
         let info = family::info(&vae, &transformer);
         Ok(Self {

@@ -9,6 +9,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
+use crate::pipeline::quant::Weights;
+
 use super::block::{per_item, Block, StreamCtx};
 use super::config::{pad_len, TransformerConfig, SEQ_MULTIPLE, T_EMBED_HIDDEN, T_FREQ_DIM};
 use super::rope::{caption_positions, image_positions, Rope};
@@ -103,13 +105,14 @@ struct Stream {
 }
 
 impl Transformer {
-    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, w: Weights) -> Result<Self> {
         cfg.validate()?;
+        let vb = w.vb().clone();
         let d = cfg.dim;
         let key = cfg.patch_key();
         let blocks = |name: &str, n: usize, modulated: bool| -> Result<Vec<Block>> {
             (0..n)
-                .map(|i| Block::new(cfg, modulated, vb.pp(format!("{name}.{i}"))))
+                .map(|i| Block::new(cfg, modulated, w.pp(format!("{name}.{i}"))))
                 .collect()
         };
         let x_pad_token = vb.get((1, d), "x_pad_token")?;

@@ -1,9 +1,11 @@
-//! Dense layers, loaded once into the layout their GEMM reads fastest.
+//! Dense layers (shared by the families), loaded once into the layout their GEMM reads fastest.
 //!
 //! - On a CPU with AVX-512 (f32 weights) the weight is packed into the panels of our own GEMM
 //!   (`kernels::PackedDense`, the candle-op tier) at load and the checkpoint layout is dropped: no call repacks it.
 //! - Everywhere else (GPU, other dtypes, other CPUs) it is stored pre-transposed as `(in, out)`
 //!   for candle's matmul.
+//! - Block-quantized weights (a GGUF file, `--quantize`) stay quantized and go through
+//!   [`crate::pipeline::quant::QuantParts`]; the two paths above are untouched by them.
 //!
 //! Several checkpoint matrices can be fused along the output (q/k/v): one GEMM over all tokens of
 //! the batch instead of several. The FFN's gate and up projections are fused into [`SwiGlu`],
@@ -14,9 +16,15 @@ use candle_nn::VarBuilder;
 
 use crate::pipeline::error::Result;
 use crate::pipeline::kernels::PackedDense;
+use crate::pipeline::quant::{QuantParts, Weights};
 
 enum Weight {
     Packed(PackedDense),
+    /// Block-quantized (GGUF or `--quantize`), with the bias.
+    Quant {
+        w: QuantParts,
+        b: Option<Tensor>,
+    },
     /// `(in, out)` contiguous, and the bias.
     Plain {
         w: Tensor,
@@ -77,12 +85,29 @@ fn flatten(x: &Tensor, out: usize) -> Result<(Tensor, Vec<usize>)> {
 impl Dense {
     /// Load `{name}.weight` (and `{name}.bias` when `bias`) for each name, fused in order.
     pub fn load(
-        vb: &VarBuilder,
+        weights: &Weights,
         names: &[&str],
         in_dim: usize,
         outs: &[usize],
         bias: bool,
     ) -> Result<Self> {
+        let vb = weights.vb();
+        if let Some(w) = weights.quantized(names, in_dim, outs)? {
+            let b = if bias {
+                let bs = names
+                    .iter()
+                    .zip(outs)
+                    .map(|(n, &o)| vb.get(o, &format!("{n}.bias")))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            return Ok(Self {
+                weight: Weight::Quant { w, b },
+                out: outs.iter().sum(),
+            });
+        }
         let (w, b) = load_fused(vb, names, in_dim, outs, bias)?;
         let weight = match PackedDense::prepare(&w, b.as_ref())? {
             Some(p) => Weight::Packed(p),
@@ -109,8 +134,20 @@ impl Dense {
                     None => y,
                 }
             }
+            Weight::Quant { w, b } => {
+                let y = w.forward(&x2)?;
+                match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// Whether the weight is block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quant { .. })
     }
 
     /// Split a fused output into its parts along the last dimension.
@@ -135,12 +172,19 @@ pub struct SwiGlu {
 impl SwiGlu {
     /// Load `{gate}.weight` and `{up}.weight`, each `(hidden, in_dim)`.
     pub fn load(
-        vb: &VarBuilder,
+        weights: &Weights,
         gate: &str,
         up: &str,
         in_dim: usize,
         hidden: usize,
     ) -> Result<Self> {
+        if let Some(w) = weights.quantized(&[gate, up], in_dim, &[hidden, hidden])? {
+            return Ok(Self {
+                weight: Weight::Quant { w, b: None },
+                hidden,
+            });
+        }
+        let vb = weights.vb();
         let w1 = vb.get((hidden, in_dim), &format!("{gate}.weight"))?;
         let w3 = vb.get((hidden, in_dim), &format!("{up}.weight"))?;
         Self::from_weights(w1, w3, hidden)
@@ -148,7 +192,14 @@ impl SwiGlu {
 
     /// Load one `{name}.weight` `(2 * hidden, in_dim)` whose first `hidden` rows are the gate
     /// and the others the up projection (FLUX.2's `linear_in`).
-    pub fn load_fused(vb: &VarBuilder, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
+    pub fn load_fused(weights: &Weights, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
+        if let Some(w) = weights.quantized(&[name], in_dim, &[2 * hidden])? {
+            return Ok(Self {
+                weight: Weight::Quant { w, b: None },
+                hidden,
+            });
+        }
+        let vb = weights.vb();
         let w = vb.get((2 * hidden, in_dim), &format!("{name}.weight"))?;
         Self::from_weights(
             w.narrow(0, 0, hidden)?,
@@ -177,13 +228,16 @@ impl SwiGlu {
                 Some(y) => y,
                 None => return Err(unpacked_input(x)),
             },
-            Weight::Plain { w, .. } => {
-                let h = x2.matmul(w)?;
-                let g = h.narrow(D::Minus1, 0, self.hidden)?;
-                let u = h.narrow(D::Minus1, self.hidden, self.hidden)?;
-                (candle_nn::ops::silu(&g)? * u)?
-            }
+            Weight::Plain { w, .. } => glu(&x2.matmul(w)?, self.hidden)?,
+            Weight::Quant { w, .. } => glu(&w.forward(&x2)?, self.hidden)?,
         };
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// `silu(h[.., :hidden]) * h[.., hidden:]`.
+fn glu(h: &Tensor, hidden: usize) -> Result<Tensor> {
+    let g = h.narrow(D::Minus1, 0, hidden)?;
+    let u = h.narrow(D::Minus1, hidden, hidden)?;
+    Ok((candle_nn::ops::silu(&g)? * u)?)
 }
