@@ -47,12 +47,7 @@ fn z_image_alone_together_and_joining_mid_loop_agree() {
 #[test]
 fn flux2_klein_alone_together_and_joining_mid_loop_agree() {
     let dir = common::reference_flux2_dir().join("tiny");
-    let opts = LoadOptions {
-        device: common::test_device(),
-        dtype: common::test_dtype(),
-        offload_text_encoder: false,
-        max_sequence_length: None,
-    };
+    let opts = LoadOptions::new(common::test_device(), common::test_dtype());
     let model =
         diffusiond::pipeline::load(&diffusiond::pipeline::WeightSource::Local(dir), None, &opts)
             .unwrap();

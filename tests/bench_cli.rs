@@ -39,12 +39,7 @@ fn bench(args: &[&str]) -> Value {
 }
 
 fn load_real(dir: &Path) -> Box<dyn Family> {
-    let opts = LoadOptions {
-        device: candle_core::Device::Cpu,
-        dtype: candle_core::DType::F32,
-        offload_text_encoder: false,
-        max_sequence_length: None,
-    };
+    let opts = LoadOptions::new(candle_core::Device::Cpu, candle_core::DType::F32);
     pipeline::load(&WeightSource::Local(dir.to_path_buf()), None, &opts).unwrap()
 }
 

@@ -51,6 +51,8 @@ fn previews_are_the_clean_estimate_and_change_nothing(dir: PathBuf, family: &str
     let handle = scheduler::start(SchedulerConfig {
         pipelines: vec![Pipeline {
             name: "p".into(),
+            components: Default::default(),
+            quantize: None,
             weights: dir.display().to_string(),
             family: None,
             max_sequence_length: None,

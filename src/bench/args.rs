@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Keep the text encoder in host memory and run it on the CPU.
     #[arg(long)]
     pub offload_text_encoder: bool,
+    /// Quantize at load, as `serve --quantize` does (`q8_0`, `q6_k`, `q5_k`, `q4_k`, `q4_0`, or
+    /// `COMPONENT=TYPE`): measures what a quantized pipeline costs and how fast it runs.
+    #[arg(long, value_delimiter = ',')]
+    pub quantize: Vec<crate::cli::QuantizeArg>,
     /// Flash attention (builds with the `flash-attn` feature): `on` or `off` (the generic
     /// attention path, for comparison).
     #[arg(long, value_enum, default_value = "on")]

@@ -74,6 +74,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         device: args.device,
         dtype: args.dtype,
         offload_text_encoder: args.offload_text_encoder,
+        quantize: args
+            .quantize
+            .iter()
+            .flat_map(|q| q.components.iter().map(move |c| (c.clone(), q.ty)))
+            .collect(),
     };
     let mut opts = run_opts.open()?;
     opts.max_sequence_length = p.max_sequence_length;
