@@ -83,6 +83,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut opts = run_opts.open()?;
     opts.max_sequence_length = p.max_sequence_length;
     let synthetic = args.synthetic || args.synthetic_config.is_some();
+    if synthetic && !args.quantize.is_empty() {
+        bail!(
+            "--quantize quantizes stored weights as they load; synthetic weights are made in the \
+             run dtype: measure a quantized pipeline with its real weights (--model/--pipeline)"
+        );
+    }
 
     let t = Instant::now();
     let (model, source, family): (Box<dyn Family>, String, String) = if synthetic {
