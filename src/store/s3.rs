@@ -4,21 +4,17 @@
 //! `AWS_*` variables (`AWS_ENDPOINT_URL` for MinIO, RustFS, Ceph, R2...).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
 use object_store::{
     Attribute, Attributes, GetOptions, GetRange, ObjectStore, PutOptions, PutPayload,
 };
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::AsyncRead;
 
 use super::{RequestId, StoreError};
 
@@ -144,10 +140,7 @@ impl S3Images {
             .await
             .map_err(io::Error::other)?;
         let stream = got.into_stream().map_err(io::Error::other).boxed();
-        Ok(Box::new(StreamRead {
-            stream,
-            chunk: Bytes::new(),
-        }))
+        Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
     }
 
     /// A presigned GET URL of an image, valid for `ttl`.
@@ -196,33 +189,6 @@ impl S3Images {
             }
         }
         Ok(requests.len())
-    }
-}
-
-/// An object's byte stream as an `AsyncRead` (what the HTTP body reads files through).
-struct StreamRead {
-    stream: BoxStream<'static, io::Result<Bytes>>,
-    chunk: Bytes,
-}
-
-impl AsyncRead for StreamRead {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.chunk.is_empty() {
-            match Pin::new(&mut this.stream).poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(Some(Ok(bytes))) => this.chunk = bytes,
-            }
-        }
-        let n = this.chunk.len().min(buf.remaining());
-        buf.put_slice(&this.chunk.split_to(n));
-        Poll::Ready(Ok(()))
     }
 }
 
