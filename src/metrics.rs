@@ -117,6 +117,11 @@ pub const WORKER_IMAGES: Def = def(
     Kind::Counter,
     "Images decoded by each worker (one per --device entry).",
 );
+pub const WEIGHT_BYTES: Def = def(
+    "diffusiond_weight_bytes",
+    Kind::Gauge,
+    "Bytes of model weights each worker's device holds (a tensor shared by pipelines counts once).",
+);
 pub const PIPELINE_LOAD_SECONDS: Def = def(
     "diffusiond_pipeline_load_seconds",
     Kind::Histogram,
@@ -314,6 +319,7 @@ diffusiond_batch_size_count 3
             JOBS_REJECTED_BUSY,
             PIPELINE_LOADS,
             WORKER_IMAGES,
+            WEIGHT_BYTES,
             PIPELINE_LOAD_SECONDS,
             BATCH_SIZE,
             IMAGE_LATENCY,

@@ -17,12 +17,8 @@ fn tiny() -> ModelFiles {
 
 fn opts(max_len: Option<usize>) -> LoadOptions {
     LoadOptions {
-        device: common::test_device(),
-        dtype: common::test_dtype(),
-        offload_text_encoder: false,
         max_sequence_length: max_len,
-        components: Default::default(),
-        quantize: Default::default(),
+        ..LoadOptions::new(common::test_device(), common::test_dtype())
     }
 }
 

@@ -350,12 +350,8 @@ fn run_reference_dir(dir: &Path) {
 fn load_z_image(dir: &Path, max_len: usize) -> ZImage {
     let files = ModelFiles::open(&WeightSource::Local(dir.to_path_buf())).unwrap();
     let opts = LoadOptions {
-        device: common::test_device(),
-        dtype: common::test_dtype(),
-        offload_text_encoder: false,
         max_sequence_length: Some(max_len),
-        components: Default::default(),
-        quantize: Default::default(),
+        ..LoadOptions::new(common::test_device(), common::test_dtype())
     };
     ZImage::load_opts(&files, &opts).unwrap()
 }

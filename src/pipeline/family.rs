@@ -14,6 +14,7 @@ use super::flops::Work;
 use super::image::RgbImage;
 use super::load::ComponentSource;
 use super::quant::QuantType;
+use super::shared_weights::Share;
 
 /// How a family combines the positive and negative predictions of a guided step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +125,9 @@ pub struct LoadOptions {
     pub components: BTreeMap<String, ComponentSource>,
     /// Components whose full-precision weights are quantized at load (`--quantize`).
     pub quantize: BTreeMap<String, QuantType>,
+    /// Tensors shared with the other pipelines of the device (the scheduler's; `None`: this
+    /// load holds its own).
+    pub share: Option<Share>,
 }
 
 impl LoadOptions {
@@ -158,6 +162,15 @@ impl LoadOptions {
             max_sequence_length: None,
             components: BTreeMap::new(),
             quantize: BTreeMap::new(),
+            share: None,
         }
+    }
+
+    /// The sharing to load a component on `device` with: none off the run device (an
+    /// offloaded text encoder), where the budget does not count it.
+    pub fn share_on(&self, device: &Device) -> Option<&Share> {
+        self.share
+            .as_ref()
+            .filter(|_| device.same_device(&self.device))
     }
 }

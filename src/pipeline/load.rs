@@ -13,6 +13,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use serde::de::DeserializeOwned;
 
 use super::error::{load_err, PipelineError, Result};
+use super::shared_weights::{self, Share, TensorFile};
 
 /// Where a pipeline's weights come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +352,48 @@ impl ModelFiles {
             out.extend(safetensors_tensors(&path)?);
         }
         Ok(out)
+    }
+
+    /// Every tensor of a component with its file's sha256 ([`shared_weights::file_digest`]):
+    /// what identifies its bytes for sharing between pipelines.
+    pub fn tensor_files(&self, component: &str, stem: &str) -> Result<Vec<TensorFile>> {
+        let mut out = Vec::new();
+        if self.random.is_some() {
+            return Ok(out);
+        }
+        for path in self.safetensors(component, stem)? {
+            let digest = shared_weights::file_digest(&path)?;
+            out.extend(
+                safetensors_tensors(&path)?
+                    .into_iter()
+                    .map(|(name, elements, _)| TensorFile {
+                        name,
+                        elements,
+                        digest: digest.clone(),
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    /// As [`Self::var_builder`], with the tensors shared with the other pipelines of the device
+    /// when `share` is given (random weights never are).
+    pub fn dense_var_builder(
+        &self,
+        component: &str,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+        share: Option<&Share>,
+    ) -> Result<VarBuilder<'static>> {
+        match share {
+            Some(share) if self.random.is_none() => {
+                let files = self.safetensors(component, stem)?;
+                let tensors = self.tensor_files(component, stem)?;
+                shared_weights::var_builder(&files, tensors, dtype, device, share.clone())
+            }
+            _ => self.var_builder(component, stem, dtype, device),
+        }
     }
 
     /// A VarBuilder over a component's weights in `dtype` on `device`.

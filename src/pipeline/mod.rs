@@ -22,6 +22,7 @@ pub mod quant;
 pub mod qwen3;
 pub mod registry;
 pub mod sampler;
+pub mod shared_weights;
 pub mod synthetic;
 pub mod vae;
 pub mod z_image;

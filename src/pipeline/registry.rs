@@ -97,18 +97,21 @@ pub fn load(
     (entry.load)(files, opts)
 }
 
-/// Bytes the weights of a checkout will take on the device when loaded with `opts`, from the
-/// safetensors headers of every component `model_index.json` lists (the text encoder counts
-/// nothing when it is offloaded to host memory). Nothing is loaded.
-pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u64> {
+/// The components of a checkout that hold weights on the device when loaded with `opts`
+/// (`(component, file stem)`), from `model_index.json`: tokenizers and schedulers hold none,
+/// and an offloaded text encoder lives in host memory.
+fn device_components(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<Vec<(String, &'static str)>> {
     let index: serde_json::Map<String, serde_json::Value> = files.json("model_index.json")?;
     let on_device = |component: &str| {
         !(opts.offload_text_encoder && component.starts_with("text_encoder"))
             || opts.device.is_cpu()
     };
-    let mut total = 0;
+    let mut out = Vec::new();
     for (component, class) in &index {
-        // Components are `"name": [library, class]`; tokenizers and schedulers hold no weights.
+        // Components are `"name": [library, class]`.
         let class = class
             .as_array()
             .and_then(|a| a.get(1))
@@ -127,7 +130,38 @@ pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u
         } else {
             "diffusion_pytorch_model"
         };
-        total += super::quant::estimate_bytes(files, opts, component, stem, opts.dtype)?;
+        out.push((component.clone(), stem));
+    }
+    Ok(out)
+}
+
+/// Bytes the weights of a checkout will take on the device when loaded with `opts`, from the
+/// safetensors headers of every component `model_index.json` lists (the text encoder counts
+/// nothing when it is offloaded to host memory). Nothing is loaded.
+pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u64> {
+    let mut total = 0;
+    for (component, stem) in device_components(files, opts)? {
+        total += super::quant::estimate_bytes(files, opts, &component, stem, opts.dtype)?;
+    }
+    Ok(total)
+}
+
+/// Bytes of [`estimate_weight_bytes`] that the device already holds for other pipelines
+/// (`opts.share`): full-precision tensors of byte-identical files, which a load reuses.
+pub fn estimate_shared_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u64> {
+    let Some(share) = opts.share.as_ref().filter(|s| s.weights.total_bytes() > 0) else {
+        return Ok(0);
+    };
+    let mut total = 0;
+    for (component, stem) in device_components(files, opts)? {
+        let dense =
+            !opts.components.contains_key(&component) && !opts.quantize.contains_key(&component);
+        if dense {
+            let tensors = files.tensor_files(&component, stem)?;
+            total += share
+                .weights
+                .cached_bytes(&tensors, opts.dtype, &opts.device);
+        }
     }
     Ok(total)
 }

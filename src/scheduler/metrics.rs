@@ -22,8 +22,9 @@ pub struct Metrics {
     pub step_seconds: Histogram,
     /// Partial-image decodes after one step of one job.
     pub preview_seconds: Histogram,
-    /// Per worker: its device's name and the images it decoded.
-    workers: Mutex<Vec<(String, u64)>>,
+    /// Per worker: its device's name, the images it decoded and the bytes of weights it
+    /// holds.
+    workers: Mutex<Vec<(String, u64, u64)>>,
 }
 
 impl Default for Metrics {
@@ -51,7 +52,7 @@ impl Metrics {
     /// Name the workers (their devices, in `--device` order).
     pub fn set_workers(&self, devices: Vec<String>) {
         *self.workers.lock().unwrap_or_else(|e| e.into_inner()) =
-            devices.into_iter().map(|d| (d, 0)).collect();
+            devices.into_iter().map(|d| (d, 0, 0)).collect();
     }
 
     pub fn add_worker_images(&self, worker: usize, n: u64) {
@@ -62,6 +63,18 @@ impl Metrics {
             .get_mut(worker)
         {
             w.1 += n;
+        }
+    }
+
+    /// Bytes of weights a worker's device holds now (shared tensors once).
+    pub fn set_worker_weight_bytes(&self, worker: usize, bytes: u64) {
+        if let Some(w) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(worker)
+        {
+            w.2 = bytes;
         }
     }
 
@@ -80,10 +93,19 @@ impl Metrics {
             let index: Vec<String> = (0..workers.len()).map(|i| i.to_string()).collect();
             out.labelled(
                 &m::WORKER_IMAGES,
-                workers.iter().zip(&index).map(|((device, n), i)| {
+                workers.iter().zip(&index).map(|((device, n, _), i)| {
                     (
                         [("worker", i.as_str()), ("device", device.as_str())],
                         *n as f64,
+                    )
+                }),
+            );
+            out.labelled(
+                &m::WEIGHT_BYTES,
+                workers.iter().zip(&index).map(|((device, _, bytes), i)| {
+                    (
+                        [("worker", i.as_str()), ("device", device.as_str())],
+                        *bytes as f64,
                     )
                 }),
             );

@@ -174,11 +174,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn set_loaded(&self, worker: usize, names: Vec<String>) {
+    /// Publish what a worker's device holds, for `/health`, `/v1/models` and the metrics.
+    fn set_loaded(&self, worker: usize, pipelines: &Pipelines) {
         let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = l.get_mut(worker) {
-            *slot = names;
+            *slot = pipelines.loaded_names();
         }
+        self.metrics
+            .set_worker_weight_bytes(worker, pipelines.used_bytes());
     }
 }
 
@@ -303,9 +306,9 @@ fn prepare(config: &SchedulerConfig, shared: &Shared, worker: usize) -> Result<P
     let mut pipelines = Pipelines::new(config.pipelines.clone(), opts, budget);
     let first = &config.pipelines[0];
     if let Some(r) = pipelines.ensure(&first.name)? {
-        tracing::info!(pipeline = %first.name, source = %first.weights, seconds = r.seconds, bytes = r.bytes, "pipeline loaded");
+        tracing::info!(pipeline = %first.name, source = %first.weights, seconds = r.seconds, bytes = r.bytes, shared_bytes = r.shared, "pipeline loaded");
     }
-    shared.set_loaded(worker, pipelines.loaded_names());
+    shared.set_loaded(worker, &pipelines);
     if config.warmup {
         let t = Instant::now();
         if let Some(model) = pipelines.get(&first.name) {

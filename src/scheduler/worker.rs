@@ -214,14 +214,13 @@ impl Worker {
         };
         match loaded {
             Ok(Ok(Some(r))) => {
-                tracing::info!(parent: &p.span, pipeline = %name, seconds = r.seconds, bytes = r.bytes, unloaded = ?r.unloaded, "pipeline loaded for a queued request");
+                tracing::info!(parent: &p.span, pipeline = %name, seconds = r.seconds, bytes = r.bytes, shared_bytes = r.shared, unloaded = ?r.unloaded, "pipeline loaded for a queued request");
                 self.shared
                     .metrics
                     .pipeline_loads
                     .fetch_add(1, Ordering::Relaxed);
                 self.shared.metrics.pipeline_load_seconds.observe(r.seconds);
-                self.shared
-                    .set_loaded(self.index, self.pipelines.loaded_names());
+                self.shared.set_loaded(self.index, &self.pipelines);
             }
             Ok(Ok(None)) => {}
             Ok(Err(why)) => {

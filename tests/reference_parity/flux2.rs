@@ -378,12 +378,8 @@ fn run_case(model: &Flux2Klein, case: &Case) -> Errors {
 fn load(dir: &Path, max_len: usize, distilled: bool) -> Flux2Klein {
     let files = ModelFiles::open(&WeightSource::Local(dir.join("tiny"))).unwrap();
     let opts = LoadOptions {
-        device: super::common::test_device(),
-        dtype: super::common::test_dtype(),
-        offload_text_encoder: false,
         max_sequence_length: Some(max_len),
-        components: Default::default(),
-        quantize: Default::default(),
+        ..LoadOptions::new(super::common::test_device(), super::common::test_dtype())
     };
     Flux2Klein::load_as(&files, &opts, distilled).unwrap()
 }

@@ -138,7 +138,13 @@ impl Flux2Klein {
                 vae_cfg.latent_channels, tr_cfg.in_channels
             )));
         }
-        let vae_vb = files.var_builder("vae", "diffusion_pytorch_model", dtype, device)?;
+        let vae_vb = files.dense_var_builder(
+            "vae",
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            opts.share_on(device),
+        )?;
         let bn = BatchNormStats::load(
             &vae_vb,
             tr_cfg.in_channels,

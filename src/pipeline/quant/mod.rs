@@ -257,15 +257,24 @@ pub fn component(
             describe: format!("gguf {src}"),
         });
     }
-    let vb = files.var_builder(component, stem, dtype, device)?;
     match opts.quantize.get(component) {
         Some(&ty) => Ok(Component {
-            weights: Weights::quantize(vb, ty, keep_high_precision),
+            weights: Weights::quantize(
+                files.var_builder(component, stem, dtype, device)?,
+                ty,
+                keep_high_precision,
+            ),
             bytes: quantized_bytes(files, component, stem, dtype, ty)?,
             describe: format!("{ty} at load"),
         }),
         None => Ok(Component {
-            weights: Weights::dense(vb),
+            weights: Weights::dense(files.dense_var_builder(
+                component,
+                stem,
+                dtype,
+                device,
+                opts.share_on(device),
+            )?),
             bytes: files.parameter_count(component, stem)? * dtype.size_in_bytes() as u64,
             describe: "dense".into(),
         }),

@@ -109,7 +109,13 @@ impl ZImage {
         let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
-        let vae_vb = files.var_builder("vae", "diffusion_pytorch_model", dtype, device)?;
+        let vae_vb = files.dense_var_builder(
+            "vae",
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            opts.share_on(device),
+        )?;
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
         let vae_scale = vae_cfg
             .scaling_factor
