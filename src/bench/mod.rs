@@ -189,6 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 batch,
                 text_encode_s: encode,
                 step_s: step,
+                step_queued_s: median(&times.step_queued),
                 vae_decode_s: decode,
                 total_s,
                 s_per_image,

@@ -46,6 +46,10 @@ pub struct Row {
     /// whole batch, the decode of the whole batch.
     pub text_encode_s: f64,
     pub step_s: f64,
+    /// Median time until a step was queued on the device (its call returned), before waiting
+    /// for the device: close to `step_s` where the device runs synchronously (the CPU) or a
+    /// step reads a value back mid-way; a small share of it on a GPU otherwise.
+    pub step_queued_s: f64,
     pub vae_decode_s: f64,
     /// encode + steps x step + decode.
     pub total_s: f64,

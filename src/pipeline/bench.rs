@@ -1,7 +1,9 @@
 //! Stage timings of a loaded pipeline for `diffusiond bench`, through the same calls the
 //! scheduler makes ([`denoise::condition`], [`denoise::items`], [`denoise::step`],
 //! [`denoise::decode`]). The device is synchronised around every timed stage and nowhere inside
-//! one, so a stage's time is what the device took for it, not how long it took to queue.
+//! one, so a stage's time is what the device took for it, not how long it took to queue. How
+//! long a step took to queue is kept too: on a GPU a step that reads nothing back from the
+//! device returns long before the device has finished it.
 
 use std::time::Instant;
 
@@ -16,6 +18,10 @@ use super::family::Family;
 pub struct StageTimes {
     pub encode: Vec<f64>,
     pub step: Vec<f64>,
+    /// Per step: the time until [`denoise::step`] returned, before the device was awaited.
+    /// Equal to `step` where the device runs synchronously (the CPU); well below it on a GPU
+    /// unless the step waits for the device somewhere (a value read back to the host).
+    pub step_queued: Vec<f64>,
     pub decode: Vec<f64>,
 }
 
@@ -37,6 +43,7 @@ fn run_once(model: &dyn Family, spec: &GenerateSpec, times: &mut StageTimes) -> 
         let t = Instant::now();
         let mut refs: Vec<&mut DenoiseItem> = items.iter_mut().collect();
         denoise::step(model, &mut refs)?;
+        times.step_queued.push(t.elapsed().as_secs_f64());
         sync(dev)?;
         times.step.push(t.elapsed().as_secs_f64());
     }

@@ -164,19 +164,19 @@ pub fn step(model: &dyn Family, items: &mut [&mut DenoiseItem]) -> Result<()> {
             _ => outs[k].clone(),
         };
         let (s, s_next) = (it.sigmas[it.step], it.sigmas[it.step + 1]);
-        let next = euler_step(&it.latent, &v, s, s_next)?;
-        check_finite(&next, it.step + 1)?;
-        it.latent = next;
+        it.latent = euler_step(&it.latent, &v, s, s_next)?;
         it.last_velocity = Some(v);
         it.step += 1;
     }
     Ok(())
 }
 
-/// Fail when a latent holds inf or NaN (broken weights or a kernel that overflowed): the
-/// decoded image would be flat or black. One reduction per item and step; a sum of finite
-/// values that overflows f32 is as broken as a NaN.
-fn check_finite(latent: &Tensor, step: usize) -> Result<()> {
+/// Fail when a final latent holds inf or NaN (broken weights or a kernel that overflowed):
+/// the decoded image would be flat or black. One reduction per item, checked before the decode
+/// and never inside a step, where reading the result back would stall the device's queue
+/// (a NaN stays NaN through the remaining steps, so nothing is missed); a sum of finite values
+/// that overflows f32 is as broken as a NaN.
+fn check_finite(latent: &Tensor, steps: usize) -> Result<()> {
     let sum = latent
         .sum_all()?
         .to_dtype(candle_core::DType::F32)?
@@ -185,7 +185,7 @@ fn check_finite(latent: &Tensor, step: usize) -> Result<()> {
         Ok(())
     } else {
         Err(PipelineError::NonFinite(format!(
-            "the latent is not finite after step {step}"
+            "the latent is not finite after {steps} steps"
         )))
     }
 }
@@ -194,6 +194,9 @@ fn check_finite(latent: &Tensor, step: usize) -> Result<()> {
 pub fn decode(model: &dyn Family, items: &[&DenoiseItem]) -> Result<Vec<RgbImage>> {
     if items.is_empty() {
         return Ok(Vec::new());
+    }
+    for it in items {
+        check_finite(&it.latent, it.step)?;
     }
     let latents: Vec<&Tensor> = items.iter().map(|i| &i.latent).collect();
     model.decode(&latents)

@@ -164,16 +164,20 @@ pub fn combine_cfg(
     }
 }
 
-/// `pos + g (pos - neg)`, with optional norm capping.
+/// `pos + g (pos - neg)`, with optional norm capping: when the prediction's norm exceeds
+/// `normalization` times the positive's, it is scaled down to that. Computed on the device
+/// (nothing is read back inside a step): the factor is `cap / |pred|` where the cap applies and
+/// 1 elsewhere, and multiplying by 1 leaves every value as it was.
 pub fn apply_cfg(pos: &Tensor, neg: &Tensor, g: f32, normalization: f32) -> Result<Tensor> {
     let pred = (pos + ((pos - neg)? * g as f64)?)?;
     if normalization > 0.0 {
-        let pos_norm = pos.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        let pred_norm = pred.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        let cap = normalization * pos_norm;
-        if pred_norm > cap {
-            return Ok((pred * (cap / pred_norm) as f64)?);
-        }
+        let pos_norm = pos.sqr()?.sum_all()?.sqrt()?;
+        let pred_norm = pred.sqr()?.sum_all()?.sqrt()?;
+        let cap = (pos_norm * normalization as f64)?;
+        let factor = pred_norm
+            .gt(&cap)?
+            .where_cond(&(&cap / &pred_norm)?, &cap.ones_like()?)?;
+        return Ok(pred.broadcast_mul(&factor)?);
     }
     Ok(pred)
 }
@@ -249,5 +253,37 @@ mod tests {
         };
         assert_eq!(g.scale_at(0.4), 2.0);
         assert_eq!(g.scale_at(0.6), 0.0);
+    }
+
+    /// The norm cap, computed on the device, against the same arithmetic on the host: the
+    /// prediction scaled to `normalization x |pos|` when above it, untouched otherwise.
+    #[test]
+    fn cfg_normalization_caps_the_norm_on_the_device() {
+        let dev = candle_core::Device::Cpu;
+        let pos =
+            Tensor::new(&[[0.5f32, -1.25], [2.0, 0.75]], &dev).unwrap_or_else(|e| panic!("{e}"));
+        let neg =
+            Tensor::new(&[[0.25f32, -0.5], [1.0, 1.5]], &dev).unwrap_or_else(|e| panic!("{e}"));
+        let values = |t: &Tensor| -> Vec<f32> {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let g = 3.0f32;
+        let plain: Vec<f32> = values(&pos)
+            .iter()
+            .zip(values(&neg))
+            .map(|(p, n)| p + (p - n) * g)
+            .collect();
+        // A cap below the prediction's norm scales it; one above leaves it bit for bit.
+        let capped = apply_cfg(&pos, &neg, g, 1.0).unwrap_or_else(|e| panic!("{e}"));
+        let factor = norm(&values(&pos)) / norm(&plain);
+        assert!(factor < 1.0);
+        let want: Vec<f32> = plain.iter().map(|v| v * factor).collect();
+        assert_eq!(values(&capped), want);
+        assert!((norm(&values(&capped)) - norm(&values(&pos))).abs() < 1e-5);
+        let loose = apply_cfg(&pos, &neg, g, 100.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(values(&loose), plain);
     }
 }
