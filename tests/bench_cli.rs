@@ -90,6 +90,9 @@ fn check_report(r: &Value, rows: usize, steps: usize, model: &dyn Family) {
             f(row, "vae_decode_s"),
         );
         assert!(enc > 0.0 && step > 0.0 && dec > 0.0, "{row}");
+        // Queued before the device was awaited: never longer than the awaited step.
+        let queued = f(row, "step_queued_s");
+        assert!(queued > 0.0 && queued <= step, "{row}");
         let total = f(row, "total_s");
         assert!(
             (total - (enc + steps as f64 * step + dec)).abs() < 1e-9,
@@ -190,4 +193,34 @@ fn synthetic_tiny_flux2_reports_every_field() {
     assert_eq!(r["peak_source"], "--peak-tflops");
     assert_eq!(f(&r, "peak_tflops"), 1.5);
     check_report(&r, 2, 2, load_real(&tiny).as_ref());
+}
+
+/// bf16 on the CPU runs end to end for both families (the VAE decodes in f32 there: candle's
+/// CPU convolution has no bf16 product).
+#[test]
+fn bf16_on_the_cpu_decodes_for_both_families() {
+    for (pipeline, dir) in [
+        ("z-image-turbo", common::tiny_dir()),
+        ("flux2-klein", flux2_tiny()),
+    ] {
+        let r = bench(&[
+            "--pipeline",
+            pipeline,
+            "--synthetic-config",
+            dir.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+            "--size",
+            "64x64",
+            "--steps",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ]);
+        assert_eq!(r["dtype"], "bf16", "{pipeline}");
+        let row = &r["rows"][0];
+        assert!(f(row, "vae_decode_s") > 0.0, "{pipeline}: {row}");
+    }
 }

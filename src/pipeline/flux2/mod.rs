@@ -27,7 +27,7 @@ use super::load::ModelFiles;
 use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
 use super::quant;
 use super::qwen3::{self, TextEncoder};
-use super::vae::{tiling, VaeConfig, VaeDecoder};
+use super::vae::{self, tiling, VaeConfig, VaeDecoder};
 use super::{noise, sampler};
 
 /// The hidden states of the text encoder the pipeline stacks (`text_encoder_out_layers`).
@@ -130,6 +130,7 @@ impl Flux2Klein {
         let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
+        let vae_dtype = vae::decoder_dtype(device, dtype);
         if vae_cfg.latent_channels * 4 != tr_cfg.in_channels
             || vae_cfg.spatial_factor() * 2 != SIZE_MULTIPLE
         {
@@ -141,7 +142,7 @@ impl Flux2Klein {
         let vae_vb = files.dense_var_builder(
             "vae",
             "diffusion_pytorch_model",
-            dtype,
+            vae_dtype,
             device,
             opts.share_on(device),
         )?;
@@ -160,7 +161,7 @@ impl Flux2Klein {
         let weight_bytes = tr.bytes
             + te_on_device
             + files.parameter_count("vae", "diffusion_pytorch_model")?
-                * dtype.size_in_bytes() as u64;
+                * vae_dtype.size_in_bytes() as u64;
 
         Ok(Self {
             info: FamilyInfo {
@@ -265,10 +266,10 @@ impl Flux2Klein {
         if t.applies(h, w) {
             let f = self.vae.config().spatial_factor();
             tiling::decode_tiled(z, t, f, |tile| {
-                self.vae.decode_scaled(&tile.to_dtype(self.dtype)?)
+                self.vae.decode_scaled(&tile.to_dtype(self.vae.dtype())?)
             })
         } else {
-            self.vae.decode_scaled(&z.to_dtype(self.dtype)?)
+            self.vae.decode_scaled(&z.to_dtype(self.vae.dtype())?)
         }
     }
 

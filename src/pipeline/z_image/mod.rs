@@ -18,7 +18,7 @@ use super::prompt::{ChatTemplate, PromptTokenizer, MAX_SEQUENCE_LENGTH};
 use super::quant;
 use super::qwen3::{self as text_encoder, TextEncoder};
 use super::sampler::SchedulerConfig;
-use super::vae::{tiling, VaeConfig, VaeDecoder};
+use super::vae::{self, tiling, VaeConfig, VaeDecoder};
 
 /// A loaded Z-Image pipeline on one device.
 pub struct ZImage {
@@ -109,10 +109,11 @@ impl ZImage {
         let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
+        let vae_dtype = vae::decoder_dtype(device, dtype);
         let vae_vb = files.dense_var_builder(
             "vae",
             "diffusion_pytorch_model",
-            dtype,
+            vae_dtype,
             device,
             opts.share_on(device),
         )?;
@@ -131,7 +132,7 @@ impl ZImage {
         let weight_bytes = te_bytes
             + tr.bytes
             + files.parameter_count("vae", "diffusion_pytorch_model")?
-                * dtype.size_in_bytes() as u64;
+                * vae_dtype.size_in_bytes() as u64;
         let info = family::info(&vae, &transformer);
         Ok(Self {
             tokenizer,
@@ -233,6 +234,6 @@ impl ZImage {
     /// `z = latents / scaling + shift`, then the decoder, without tiling.
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let z = ((latents / self.vae_scale)? + self.vae_shift)?;
-        self.vae.decode_scaled(&z.to_dtype(self.dtype)?)
+        self.vae.decode_scaled(&z.to_dtype(self.vae.dtype())?)
     }
 }
