@@ -14,7 +14,7 @@ use super::flops::Work;
 use super::image::RgbImage;
 use super::load::ComponentSource;
 use super::quant::QuantType;
-use super::shared_weights::Share;
+use super::shared_weights::{self, Share};
 
 /// How a family combines the positive and negative predictions of a guided step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,11 +166,12 @@ impl LoadOptions {
         }
     }
 
-    /// The sharing to load a component on `device` with: none off the run device (an
-    /// offloaded text encoder), where the budget does not count it.
-    pub fn share_on(&self, device: &Device) -> Option<&Share> {
-        self.share
-            .as_ref()
-            .filter(|_| device.same_device(&self.device))
+    /// The sharing to load `component` on `device` with: none for a component that is not
+    /// [`shared_weights::SHAREABLE`], and none off the run device (an offloaded text encoder),
+    /// where the budget does not count it.
+    pub fn share_for(&self, component: &str, device: &Device) -> Option<&Share> {
+        self.share.as_ref().filter(|_| {
+            shared_weights::SHAREABLE.contains(&component) && device.same_device(&self.device)
+        })
     }
 }

@@ -156,7 +156,7 @@ pub fn estimate_shared_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u
     for (component, stem) in device_components(files, opts)? {
         let dense =
             !opts.components.contains_key(&component) && !opts.quantize.contains_key(&component);
-        if dense {
+        if dense && super::shared_weights::SHAREABLE.contains(&component.as_str()) {
             let tensors = files.tensor_files(&component, stem)?;
             total += share
                 .weights

@@ -4,8 +4,9 @@
 //!
 //! Sharing is per tensor: a tensor is the same when its file's sha256, its name, its dtype and
 //! its device are. So a Qwen3 encoder that one family reads to layer 27 and another to layer
-//! 35 shares its first 27 layers. Only full-precision tensors read as they are share;
-//! quantized matrices (GGUF files, `--quantize`) and random weights never do.
+//! 35 shares its first 27 layers. Only the text encoder and the VAE share ([`SHAREABLE`]:
+//! their modules keep the tensors as read), and only their full-precision tensors: quantized
+//! matrices (GGUF files, `--quantize`) and random weights never do.
 //!
 //! The device thread owns one [`SharedWeights`] per device. Each pipeline loads under its
 //! own name (the owner); a tensor stays cached while some owner uses it, and
@@ -28,6 +29,13 @@ use super::error::{load_err, Result};
 
 /// A file as it was hashed: its path, length and modification time.
 type Stamp = (PathBuf, u64, SystemTime);
+
+/// The components whose modules keep the tensors as they are read (candle's `Linear`,
+/// `Embedding`, `RmsNorm`, `Conv2d`; the CPU's fast convolutions keep a transformed copy beside
+/// the original): sharing their tensors shares their memory. The transformers fuse, transpose
+/// (and on the CPU pack) their matrices at load, so a cached tensor as read would sit beside
+/// each pipeline's own copy and double the memory: they are never shared.
+pub const SHAREABLE: &[&str] = &["text_encoder", "vae"];
 
 /// One cached tensor and the pipelines that use it.
 struct Entry {

@@ -144,7 +144,7 @@ impl Flux2Klein {
             "diffusion_pytorch_model",
             vae_dtype,
             device,
-            opts.share_on(device),
+            opts.share_for("vae", device),
         )?;
         let bn = BatchNormStats::load(
             &vae_vb,

@@ -273,7 +273,7 @@ pub fn component(
                 stem,
                 dtype,
                 device,
-                opts.share_on(device),
+                opts.share_for(component, device),
             )?),
             bytes: files.parameter_count(component, stem)? * dtype.size_in_bytes() as u64,
             describe: "dense".into(),

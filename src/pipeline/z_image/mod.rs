@@ -115,7 +115,7 @@ impl ZImage {
             "diffusion_pytorch_model",
             vae_dtype,
             device,
-            opts.share_on(device),
+            opts.share_for("vae", device),
         )?;
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
         let vae_scale = vae_cfg
