@@ -357,23 +357,10 @@ impl ModelFiles {
     /// Every tensor of a component with its file's sha256 ([`shared_weights::file_digest`]):
     /// what identifies its bytes for sharing between pipelines.
     pub fn tensor_files(&self, component: &str, stem: &str) -> Result<Vec<TensorFile>> {
-        let mut out = Vec::new();
         if self.random.is_some() {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        for path in self.safetensors(component, stem)? {
-            let digest = shared_weights::file_digest(&path)?;
-            out.extend(
-                safetensors_tensors(&path)?
-                    .into_iter()
-                    .map(|(name, elements, _)| TensorFile {
-                        name,
-                        elements,
-                        digest: digest.clone(),
-                    }),
-            );
-        }
-        Ok(out)
+        tensor_files(&self.safetensors(component, stem)?)
     }
 
     /// As [`Self::var_builder`], with the tensors shared with the other pipelines of the device
@@ -389,7 +376,7 @@ impl ModelFiles {
         match share {
             Some(share) if self.random.is_none() => {
                 let files = self.safetensors(component, stem)?;
-                let tensors = self.tensor_files(component, stem)?;
+                let tensors = tensor_files(&files)?;
                 shared_weights::var_builder(&files, tensors, dtype, device, share.clone())
             }
             _ => self.var_builder(component, stem, dtype, device),
@@ -425,6 +412,24 @@ fn mmap_var_builder(
         let names: Vec<_> = files.iter().map(|f| f.display().to_string()).collect();
         load_err(format!("cannot read safetensors {}: {e}", names.join(", ")))
     })
+}
+
+/// Every tensor of these safetensors files with its file's sha256.
+fn tensor_files(paths: &[PathBuf]) -> Result<Vec<TensorFile>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let digest = shared_weights::file_digest(path)?;
+        out.extend(
+            safetensors_tensors(path)?
+                .into_iter()
+                .map(|(name, elements, _)| TensorFile {
+                    name,
+                    elements,
+                    digest: digest.clone(),
+                }),
+        );
+    }
+    Ok(out)
 }
 
 /// Elements of every tensor in one safetensors file, read from its JSON header.

@@ -149,14 +149,19 @@ pub fn estimate_weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u
 /// Bytes of [`estimate_weight_bytes`] that the device already holds for other pipelines
 /// (`opts.share`): full-precision tensors of byte-identical files, which a load reuses.
 pub fn estimate_shared_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u64> {
-    let Some(share) = opts.share.as_ref().filter(|s| s.weights.total_bytes() > 0) else {
+    if opts
+        .share
+        .as_ref()
+        .is_none_or(|s| s.weights.total_bytes() == 0)
+    {
         return Ok(0);
-    };
+    }
     let mut total = 0;
     for (component, stem) in device_components(files, opts)? {
+        // Read as it is stored (no GGUF file, no quantization), and shareable.
         let dense =
             !opts.components.contains_key(&component) && !opts.quantize.contains_key(&component);
-        if dense && super::shared_weights::SHAREABLE.contains(&component.as_str()) {
+        if let Some(share) = opts.share_for(&component, &opts.device).filter(|_| dense) {
             let tensors = files.tensor_files(&component, stem)?;
             total += share
                 .weights

@@ -214,14 +214,10 @@ impl SimpleBackend for SharingBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let Some(digest) = self.digests.get(name) else {
+        if !self.digests.contains_key(name) {
             return SimpleBackend::get(&self.inner, s, name, h, dtype, dev);
-        };
-        let t = self.share.weights.get_or_load(
-            key(digest, name, dtype, dev),
-            &self.share.owner,
-            || SimpleBackend::get_unchecked(&self.inner, name, dtype, dev),
-        )?;
+        }
+        let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
                 msg: format!("shape mismatch for {name}"),
@@ -234,13 +230,14 @@ impl SimpleBackend for SharingBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let read = || SimpleBackend::get_unchecked(&self.inner, name, dtype, dev);
         match self.digests.get(name) {
             Some(digest) => self.share.weights.get_or_load(
                 key(digest, name, dtype, dev),
                 &self.share.owner,
-                || SimpleBackend::get_unchecked(&self.inner, name, dtype, dev),
+                read,
             ),
-            None => SimpleBackend::get_unchecked(&self.inner, name, dtype, dev),
+            None => read(),
         }
     }
 

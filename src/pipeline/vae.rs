@@ -15,7 +15,9 @@ use candle_nn::{conv2d, linear, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::pipeline::error::{load_err, Result};
+use crate::pipeline::family::LoadOptions;
 use crate::pipeline::kernels::{Conv2d, GroupNorm};
+use crate::pipeline::load::ModelFiles;
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -170,12 +172,29 @@ pub struct VaeDecoder {
 /// The dtype the VAE decoder runs in for a run in `dtype` on `device`: the run dtype, except
 /// bf16 on the CPU, where candle's convolution has no bf16 matrix product: f32 there (the
 /// decoder is ~50 M parameters, 0.2 GB in f32, and its output is 8-bit anyway).
-pub fn decoder_dtype(device: &candle_core::Device, dtype: DType) -> DType {
+fn decoder_dtype(device: &candle_core::Device, dtype: DType) -> DType {
     if device.is_cpu() && dtype == DType::BF16 {
         DType::F32
     } else {
         dtype
     }
+}
+
+const STEM: &str = "diffusion_pytorch_model";
+
+/// The weights of a checkout's `vae` component as every family loads them: in the decoder's
+/// dtype ([`decoder_dtype`]), shared with the device's other pipelines when `opts` says so.
+pub fn load_weights(files: &ModelFiles, opts: &LoadOptions) -> Result<VarBuilder<'static>> {
+    let dtype = decoder_dtype(&opts.device, opts.dtype);
+    let share = opts.share_for("vae", &opts.device);
+    files.dense_var_builder("vae", STEM, dtype, &opts.device, share)
+}
+
+/// Bytes the `vae` component takes on the device, loaded by [`load_weights`]. Asked after the
+/// decoder is built: random weights (`bench --synthetic`) are counted as they are made.
+pub fn weight_bytes(files: &ModelFiles, opts: &LoadOptions) -> Result<u64> {
+    let dtype = decoder_dtype(&opts.device, opts.dtype);
+    Ok(files.parameter_count("vae", STEM)? * dtype.size_in_bytes() as u64)
 }
 
 impl VaeDecoder {
@@ -243,20 +262,16 @@ impl VaeDecoder {
         &self.cfg
     }
 
-    /// The dtype of its weights, which its input must have.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// The decoder proper (after `post_quant_conv` when there is one) on de-normalised latents
-    /// `(B, latent_channels, h, w)` in the run dtype: the argument of diffusers' `vae.decode`.
-    /// Returns the image in [-1, 1] as f32 `(B, 3, H, W)`.
+    /// `(B, latent_channels, h, w)`, in any float dtype (cast to the decoder's): the argument of
+    /// diffusers' `vae.decode`. Returns the image in [-1, 1] as f32 `(B, 3, H, W)`.
     ///
     /// On the CPU the batch is decoded one image at a time: the work per image is the same, and
     /// the activations of one image (tens of MB at 256x256) are reused by the allocator from
     /// layer to layer, where a batch's would be fresh pages faulted in for every layer (bench
     /// model, 4 images: 0.53 s instead of 0.82 s).
     pub fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
+        let z = &z.to_dtype(self.dtype)?;
         let b = z.dim(0)?;
         if b > 1 && z.device().is_cpu() {
             let outs = (0..b)

@@ -130,7 +130,6 @@ impl Flux2Klein {
         let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
-        let vae_dtype = vae::decoder_dtype(device, dtype);
         if vae_cfg.latent_channels * 4 != tr_cfg.in_channels
             || vae_cfg.spatial_factor() * 2 != SIZE_MULTIPLE
         {
@@ -139,13 +138,7 @@ impl Flux2Klein {
                 vae_cfg.latent_channels, tr_cfg.in_channels
             )));
         }
-        let vae_vb = files.dense_var_builder(
-            "vae",
-            "diffusion_pytorch_model",
-            vae_dtype,
-            device,
-            opts.share_for("vae", device),
-        )?;
+        let vae_vb = vae::load_weights(files, opts)?;
         let bn = BatchNormStats::load(
             &vae_vb,
             tr_cfg.in_channels,
@@ -158,10 +151,7 @@ impl Flux2Klein {
         } else {
             0
         };
-        let weight_bytes = tr.bytes
-            + te_on_device
-            + files.parameter_count("vae", "diffusion_pytorch_model")?
-                * vae_dtype.size_in_bytes() as u64;
+        let weight_bytes = tr.bytes + te_on_device + vae::weight_bytes(files, opts)?;
 
         Ok(Self {
             info: FamilyInfo {
@@ -265,11 +255,9 @@ impl Flux2Klein {
         let t = tiling::Tiling::default();
         if t.applies(h, w) {
             let f = self.vae.config().spatial_factor();
-            tiling::decode_tiled(z, t, f, |tile| {
-                self.vae.decode_scaled(&tile.to_dtype(self.vae.dtype())?)
-            })
+            tiling::decode_tiled(z, t, f, |tile| self.vae.decode_scaled(tile))
         } else {
-            self.vae.decode_scaled(&z.to_dtype(self.vae.dtype())?)
+            self.vae.decode_scaled(z)
         }
     }
 

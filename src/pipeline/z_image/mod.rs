@@ -109,14 +109,7 @@ impl ZImage {
         let transformer = Transformer::new(&tr_cfg, tr.weights)?;
 
         let vae_cfg: VaeConfig = files.json("vae/config.json")?;
-        let vae_dtype = vae::decoder_dtype(device, dtype);
-        let vae_vb = files.dense_var_builder(
-            "vae",
-            "diffusion_pytorch_model",
-            vae_dtype,
-            device,
-            opts.share_for("vae", device),
-        )?;
+        let vae_vb = vae::load_weights(files, opts)?;
         let vae = VaeDecoder::new(&vae_cfg, vae_vb)?;
         let vae_scale = vae_cfg
             .scaling_factor
@@ -129,10 +122,7 @@ impl ZImage {
         } else {
             0
         };
-        let weight_bytes = te_bytes
-            + tr.bytes
-            + files.parameter_count("vae", "diffusion_pytorch_model")?
-                * vae_dtype.size_in_bytes() as u64;
+        let weight_bytes = te_bytes + tr.bytes + vae::weight_bytes(files, opts)?;
         let info = family::info(&vae, &transformer);
         Ok(Self {
             tokenizer,
@@ -234,6 +224,6 @@ impl ZImage {
     /// `z = latents / scaling + shift`, then the decoder, without tiling.
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let z = ((latents / self.vae_scale)? + self.vae_shift)?;
-        self.vae.decode_scaled(&z.to_dtype(self.vae.dtype())?)
+        self.vae.decode_scaled(&z)
     }
 }
